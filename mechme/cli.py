@@ -1,0 +1,128 @@
+"""Command-line interface: a thin layer over the library.
+
+Every command prints a readable table by default and one JSON object on stdout with
+``--json``. Progress bars and log lines go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from mechme.errors import MechmeError
+
+logger = logging.getLogger("mechme")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    from mechme.models.loading import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="REF",
+        help="bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file, cached hub id, "
+        f"or ndif:ORG/NAME (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mechme", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the mechme version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("scan", help="scan a model for massive activations and locate its ME Layer")
+    _add_model(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", metavar="PATH", help="UTF-8 .txt file, or .jsonl with a 'text' field")
+    source.add_argument("--prompts", metavar="NAME", default="sentences", help="bundled prompt set (default: sentences)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="stop after N tokens in total")
+    p.add_argument("--seq-len", type=int, default=256, metavar="T", help="tokens per row (default: 256)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward pass (default: 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (default: float32)")
+    p.add_argument("--abs-threshold", type=float, default=100.0, help="massive if |a| exceeds this (default: 100)")
+    p.add_argument(
+        "--ratio-threshold", type=float, default=1000.0, help="... and this multiple of the prompt median (default: 1000)"
+    )
+    p.add_argument("--out", default="runs", metavar="DIR", help="folder for the run file and figure (default: runs)")
+    p.add_argument("--no-resume", action="store_true", help="recompute even if a finished run or checkpoints exist")
+
+    p = sub.add_parser("cache", help="show or clear the safetensors cache of the bundled models")
+    p.add_argument("action", choices=["list", "clear", "path"], help="list entries, clear them, or print the folder")
+    p.add_argument("--name", help="one bundled model (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="mechme: %(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from mechme import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except MechmeError as err:
+        print(f"mechme {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mechme {args.command}: interrupted; finished batches are kept and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+def cmd_scan(args) -> int:
+    from mechme.engine.scan import ScanSpec, scan
+    from mechme.reports import format_scan
+
+    spec = ScanSpec(
+        model=args.model,
+        prompts=args.prompts,
+        text=args.text,
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        abs_threshold=args.abs_threshold,
+        ratio_threshold=args.ratio_threshold,
+    )
+    result = scan(spec, out=args.out, progress=True, resume=not args.no_resume)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(format_scan(result))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from mechme.models import bundled
+
+    names = [args.name] if args.name else list(bundled.BUNDLED)
+    for name in names:
+        if name not in bundled.BUNDLED:
+            raise MechmeError(f"unknown bundled model {name!r}; choose one of {', '.join(bundled.BUNDLED)}")
+    if args.action == "path":
+        print(bundled.cache_root() / "models")
+    elif args.action == "clear":
+        removed = [p for n in names for p in bundled.clear_cache(n)]
+        print("\n".join(f"removed {p}" for p in removed) or "nothing to clear")
+    else:
+        for name in names:
+            print(f"{name:14s} {bundled.cache_status(name):8s} {bundled.cache_dir(name)}")
+    return 0
+
+
+COMMANDS = {"scan": cmd_scan, "cache": cmd_cache}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
