@@ -137,12 +137,12 @@ def tokenize_rows(tokenizer, kind: str, items: list[str], *, seq_len: int, max_t
     if max_tokens is not None and max_tokens < 1:
         raise SpecError(f"max_tokens {max_tokens} must be positive; pass a number of tokens such as 4096")
     rows: list[list[int]] = []
+    bos = bos_id(tokenizer)
     if kind == "prompts":
         for item in items:
             ids = tokenizer(item).input_ids[:seq_len]
             rows.append(ids)
     elif kind == "text":
-        bos = bos_id(tokenizer)
         body = seq_len - (1 if bos is not None else 0)
         for item in items:
             ids = tokenizer(item, add_special_tokens=False).input_ids
@@ -160,11 +160,13 @@ def tokenize_rows(tokenizer, kind: str, items: list[str], *, seq_len: int, max_t
             kept.append(row)
             total += len(row)
         rows = kept
-    rows = [row for row in rows if len(row) >= 2]
+    # A row needs two tokens of text besides an added BOS.
+    min_len = 2 + (1 if bos is not None else 0)
+    rows = [row for row in rows if len(row) >= min_len]
     if not rows:
         raise TextError(
-            "the text is shorter than two tokens after tokenization; pass longer text "
-            "(a row needs at least two tokens)"
+            "the text is shorter than two tokens after tokenization (a BOS token does not count); "
+            "pass longer text"
         )
     return rows
 
