@@ -1,0 +1,418 @@
+"""Benchmark the streaming scan against a plain forward pass and a keep-everything scan.
+
+Three methods run over the same token batches in one process, interleaved per repeat
+(baseline, mechme, full scan, naive, then again) so that machine noise spreads over
+all of them:
+
+- baseline: a plain Hugging Face forward pass with ``output_hidden_states=True``;
+- mechme: ``trace_batch`` per batch, the scan's per-batch work without disk I/O;
+  ``scan(...)`` is also timed end to end (tokenization, run file, figure);
+- naive: the same forward pass, with a CPU copy of every hidden state kept until
+  all batches are done, then per-layer top-1 |a| and median |a| computed from them.
+
+Peak memory (``ru_maxrss``) of a full scan and of the naive method is measured at N and
+10 x N tokens, each in a fresh child process of this script (``--child``).
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_scan.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TEXT = ROOT / "data" / "text" / "moby-dick.txt"
+
+# Default sizes keep the whole run under about 10 minutes on a 2-core CPU, where one
+# batch of 8 x 256 tokens takes about 5 s. --quick shrinks every size.
+DEFAULTS = {"timing_tokens": 4096, "repeats": 5, "memory_tokens": 4096}
+QUICK = {"timing_tokens": 2048, "repeats": 2, "memory_tokens": 1024}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model reference passed to load_model")
+    parser.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text file cut into token rows")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--timing-tokens", type=int, help="tokens per timed pass (default 4096; --quick: 2048)")
+    parser.add_argument("--repeats", type=int, help="timed passes per method (default 5; --quick: 2)")
+    parser.add_argument(
+        "--memory-tokens", type=int,
+        help="smaller token count N of the memory runs (default 4096; --quick: 1024)",
+    )
+    parser.add_argument("--memory-scale", type=int, default=10, help="the larger memory run uses N times this (10)")
+    parser.add_argument("--skip-memory", action="store_true", help="run only the timing part")
+    parser.add_argument("--quick", action="store_true", help="short run with small sizes, for a smoke check")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--child", choices=["scan", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else DEFAULTS
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- shared set-up -------------------------------------------------------------------
+
+
+def setup(args: argparse.Namespace, tokens: int):
+    """Load the model and cut ``tokens`` tokens of the text into the scan's batches."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from mechme.engine.scan import ScanSpec, resolve_rows
+    from mechme.engine.text import make_batches, pad_id
+    from mechme.models import load_model
+
+    loaded = load_model(args.model, dtype="float32")
+    spec = ScanSpec(
+        model=args.model, text=args.text, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=tokens,
+    )
+    # The same calls as scan(), so every method sees the batches that scan() builds.
+    _, _, rows = resolve_rows(spec, loaded.tokenizer)
+    batches = make_batches(rows, batch_size=spec.batch_size, pad=pad_id(loaded.tokenizer))
+    return loaded, spec, batches
+
+
+def current_rss_mib() -> float:
+    """Return this process's resident set size now, from /proc (Linux only)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS missing from /proc/self/status; the memory benchmark needs Linux")
+
+
+def peak_rss_mib() -> float:
+    # On Linux ru_maxrss is in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- the three methods ---------------------------------------------------------------
+
+
+def run_baseline(loaded, batches) -> None:
+    import torch
+
+    with torch.no_grad():
+        for batch in batches:
+            loaded.model(**batch.model_inputs(), output_hidden_states=True)
+
+
+def run_mechme(loaded, batches, spec) -> None:
+    import torch
+
+    from mechme.engine.scan import trace_batch
+
+    with torch.no_grad():
+        for batch in batches:
+            trace_batch(loaded, batch, spec)
+
+
+def run_full_scan(loaded, spec, out: Path):
+    from mechme.engine.scan import scan
+
+    return scan(spec, model=loaded, out=out, progress=False, resume=False)
+
+
+def run_naive(loaded, batches) -> list[dict]:
+    """Keep a CPU copy of every hidden state, then reduce them all at the end."""
+    import torch
+
+    kept = []
+    with torch.no_grad():
+        for batch in batches:
+            out = loaded.model(**batch.model_inputs(), output_hidden_states=True)
+            kept.append([h.detach().to("cpu", copy=True) for h in out.hidden_states])
+        return naive_stats(kept, [p for batch in batches for p in batch.n_pad])
+
+
+def naive_stats(kept: list[list], n_pad: list[int]) -> list[dict]:
+    """Return per-prompt top-1 |a| and median |a|, and the pooled median, per hidden state.
+
+    Hidden state 0 is the embedding output, like the scan's ``input`` statistics. The
+    last one comes after the model's final norm in Hugging Face models, so its values
+    differ from the scan's last ``resid_post``, but the work is the same.
+    """
+    import torch
+
+    stats = []
+    for index in range(len(kept[0])):
+        # Rows of different batches can differ in width only with padding, which text
+        # rows of a full seq_len do not have.
+        h = torch.cat([states[index] for states in kept]).abs()
+        if any(n_pad):
+            rows = [h[b, p:].reshape(-1) for b, p in enumerate(n_pad)]
+            top1 = torch.stack([r.max() for r in rows])
+            median = torch.stack([r.median() for r in rows])
+            pooled = torch.cat(rows).median()
+        else:
+            flat = h.reshape(h.shape[0], -1)
+            top1 = flat.amax(dim=1)
+            median = flat.median(dim=1).values
+            pooled = flat.median()
+        stats.append({"top1": top1.numpy(), "median": median.numpy(), "pooled_median": float(pooled)})
+    return stats
+
+
+# -- timing --------------------------------------------------------------------------
+
+
+def time_methods(args: argparse.Namespace) -> dict:
+    loaded, spec, batches = setup(args, args.timing_tokens)
+    n_tokens = sum(sum(batch.lengths) for batch in batches)
+    log(f"timing: {len(batches)} batch(es), {n_tokens} tokens per pass, {args.repeats} repeat(s)")
+    methods = {
+        "baseline": lambda out: run_baseline(loaded, batches),
+        "mechme trace_batch": lambda out: run_mechme(loaded, batches, spec),
+        "mechme scan() end to end": lambda out: run_full_scan(loaded, spec, out),
+        "naive keep-all": lambda out: run_naive(loaded, batches),
+    }
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    with tempfile.TemporaryDirectory(prefix="mechme-bench-") as tmp:
+        # One untimed pass each: the first nnsight trace and the first forward pay
+        # one-off costs (graph set-up, allocator growth) that a long scan amortises.
+        for name, method in methods.items():
+            log(f"  warm-up: {name}")
+            method(Path(tmp) / "warmup")
+        for repeat in range(args.repeats):
+            for name, method in methods.items():
+                # A fresh folder per call, because scan() never overwrites a run file.
+                out = Path(tmp) / f"{repeat}-{len(times[name])}"
+                start = time.perf_counter()
+                method(out)
+                times[name].append(time.perf_counter() - start)
+            summary = ", ".join(f"{name} {values[-1]:.2f}s" for name, values in times.items())
+            log(f"  repeat {repeat + 1}/{args.repeats}: {summary}")
+
+    base = statistics.median(times["baseline"])
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        rows.append({
+            "method": name,
+            "median_s": median,
+            "min_s": min(values),
+            "max_s": max(values),
+            "tokens_per_s": n_tokens / median,
+            "ratio_to_baseline": median / base,
+            "times_s": values,
+        })
+    return {
+        "tokens_per_pass": n_tokens,
+        "batches_per_pass": len(batches),
+        "repeats": args.repeats,
+        "rows": rows,
+        "model_shape": {"n_layers": loaded.n_layers, "d_model": loaded.d_model},
+    }
+
+
+# -- memory --------------------------------------------------------------------------
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Run one method at ``--tokens`` tokens and print its memory use as one JSON line."""
+    loaded, spec, batches = setup(args, args.tokens)
+    after_load = current_rss_mib()
+    start = time.perf_counter()
+    if args.child == "scan":
+        with tempfile.TemporaryDirectory(prefix="mechme-bench-") as tmp:
+            run_full_scan(loaded, spec, Path(tmp))
+    else:
+        run_naive(loaded, batches)
+    result = {
+        "method": args.child,
+        "tokens": sum(sum(batch.lengths) for batch in batches),
+        "rss_after_load_mib": after_load,
+        "peak_rss_mib": peak_rss_mib(),
+        "seconds": time.perf_counter() - start,
+    }
+    print(json.dumps(result), flush=True)
+
+
+def naive_bytes_estimate(loaded_config: dict, tokens: int) -> int:
+    """Estimate the bytes the naive method keeps: every hidden state, in float32."""
+    return (loaded_config["n_layers"] + 1) * tokens * loaded_config["d_model"] * 4
+
+
+def available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("MemAvailable missing from /proc/meminfo; the memory benchmark needs Linux")
+
+
+def run_child(args: argparse.Namespace, method: str, tokens: int) -> dict:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--child", method, "--tokens", str(tokens),
+        "--model", args.model, "--text", args.text, "--seq-len", str(args.seq_len),
+        "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+    ]
+    log(f"memory: {method} at {tokens} tokens (fresh process)")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child {method} at {tokens} tokens failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(args: argparse.Namespace, model_shape: dict) -> dict:
+    small = args.memory_tokens
+    large = small * args.memory_scale
+    results = {"small_tokens": small, "large_tokens": large, "runs": [], "skipped": []}
+    for method in ("scan", "naive"):
+        for tokens in (small, large):
+            if method == "naive":
+                estimate_mib = naive_bytes_estimate(model_shape, tokens) / 2**20
+                # Half of the free memory leaves room for the model, the concatenation
+                # in naive_stats and whatever else runs on the machine.
+                if estimate_mib > 0.5 * available_mib():
+                    results["skipped"].append({
+                        "method": method, "tokens": tokens, "estimated_hidden_states_mib": estimate_mib,
+                        "reason": f"estimated {estimate_mib:.0f} MiB of hidden states exceed half of the "
+                                  f"{available_mib():.0f} MiB available",
+                    })
+                    log(f"  skipped: {results['skipped'][-1]['reason']}")
+                    continue
+            run = run_child(args, method, tokens)
+            if method == "naive":
+                run["estimated_hidden_states_mib"] = naive_bytes_estimate(model_shape, tokens) / 2**20
+            results["runs"].append(run)
+            log(f"  peak RSS {run['peak_rss_mib']:.0f} MiB (after load {run['rss_after_load_mib']:.0f} MiB)")
+    for method in ("scan", "naive"):
+        by_size = {run["tokens"]: run for run in results["runs"] if run["method"] == method}
+        sizes = sorted(by_size)
+        if len(sizes) == 2:
+            low, high = by_size[sizes[0]], by_size[sizes[1]]
+            results[f"{method}_peak_ratio"] = high["peak_rss_mib"] / low["peak_rss_mib"]
+            growth_low = low["peak_rss_mib"] - low["rss_after_load_mib"]
+            growth_high = high["peak_rss_mib"] - high["rss_after_load_mib"]
+            results[f"{method}_growth_mib"] = [growth_low, growth_high]
+    return results
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    import nnsight
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    total_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "ram_gib": round(total_kib / 2**20, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "nnsight": nnsight.__version__,
+        "gpu": torch.cuda.is_available(),
+    }
+
+
+def markdown(results: dict) -> str:
+    timing = results["timing"]
+    lines = [
+        f"Timing: {timing['tokens_per_pass']} tokens per pass ({timing['batches_per_pass']} batch(es) of "
+        f"{results['args']['batch_size']} x {results['args']['seq_len']}), median of {timing['repeats']} "
+        f"interleaved repeats, {results['args']['threads']} threads.",
+        "",
+        "| method | median s | min s | max s | tokens/s | ratio to baseline |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in timing["rows"]:
+        lines.append(
+            f"| {row['method']} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
+            f"| {row['tokens_per_s']:.0f} | {row['ratio_to_baseline']:.3f} |"
+        )
+    memory = results.get("memory")
+    if memory:
+        lines += [
+            "",
+            "Peak RSS (ru_maxrss) of one fresh process per row; 'after load' is the RSS once the model is "
+            "loaded and the text tokenized.",
+            "",
+            "| method | tokens | after load MiB | peak MiB | growth over load MiB | seconds |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for run in memory["runs"]:
+            lines.append(
+                f"| {run['method']} | {run['tokens']} | {run['rss_after_load_mib']:.0f} | {run['peak_rss_mib']:.0f} "
+                f"| {run['peak_rss_mib'] - run['rss_after_load_mib']:.0f} | {run['seconds']:.1f} |"
+            )
+        for skipped in memory["skipped"]:
+            lines.append(f"| {skipped['method']} | {skipped['tokens']} | skipped: {skipped['reason']} | | | |")
+        lines.append("")
+        for method in ("scan", "naive"):
+            key = f"{method}_peak_ratio"
+            if key in memory:
+                lines.append(
+                    f"- {method}: peak at {memory['large_tokens']} / peak at {memory['small_tokens']} tokens = "
+                    f"{memory[key]:.3f}"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        if args.tokens is None:
+            raise SystemExit("--child needs --tokens")
+        child_main(args)
+        return
+
+    started = time.perf_counter()
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(),
+        "load_average_start": os.getloadavg(),
+        "args": {key: value for key, value in vars(args).items() if key not in ("child", "tokens")},
+    }
+    results["timing"] = time_methods(args)
+
+    if not args.skip_memory:
+        results["memory"] = measure_memory(args, results["timing"]["model_shape"])
+    results["load_average_end"] = os.getloadavg()
+    results["total_seconds"] = time.perf_counter() - started
+
+    table = markdown(results)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

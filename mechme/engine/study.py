@@ -1,0 +1,307 @@
+"""Run a `Study`: a baseline and each condition, batch by batch, reduced on the device.
+
+For every batch the baseline runs first; its next-token log-probabilities stay on the
+device for that batch only, and each condition's trace compares against them there.
+Per condition and prompt the trace returns: the KL divergence KL(baseline || condition)
+of next-token distributions summed over real positions, the next-token loss, the number
+of positions whose top-1 token matches the baseline, the massive statistics of the ME
+Layer, and the largest |activation| of each massive dim at the ME Layer and every later
+layer. Finished batches are checkpointed, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from mechme.engine.compile import Context, apply_edit, compile_condition, validate_condition, weight_edits
+from mechme.engine.scan import ScanSpec, resolve_rows, scan
+from mechme.engine.sites import read_site
+from mechme.engine.text import Batch, make_batches, pad_id
+from mechme.errors import SpecError
+from mechme.measures import massive
+from mechme.models.loaded import LoadedModel
+from mechme.models.loading import load_model
+from mechme.specs.core import Condition, Mean, Replace, Study
+from mechme.store import runfile
+
+BASELINE = Condition(name="baseline")
+
+
+@dataclass
+class StudyResult:
+    """A finished study: its Dataset (dims condition, prompt, layer, massive_dim) and summary."""
+
+    dataset: xr.Dataset
+    store: Path | None
+    reused: bool = False
+
+    def summary(self) -> dict[str, dict]:
+        ds = self.dataset
+        out = {}
+        for name in ds.condition.values:
+            sel = ds.sel(condition=name)
+            n = float(sel.n_positions.sum())
+            me = ds.attrs.get("mechme_me_layer", -1)
+            has_me = me is not None and int(me) >= 0
+            out[str(name)] = {
+                "massive_max": float(np.abs(sel.me_top).max()) if has_me else None,
+                "emerges": bool(float(sel.me_emerges.mean()) >= 0.5) if has_me else None,
+                "kl": float(sel.kl_sum.sum()) / n,
+                "loss_delta": float(sel.nll_sum.sum() - ds.sel(condition="baseline").nll_sum.sum()) / n,
+                "top1_agree": float(sel.agree_sum.sum()) / n,
+            }
+        return out
+
+
+def _study_scan(study: Study, model: LoadedModel, out) -> dict:
+    spec = ScanSpec(
+        model=study.model, prompts=study.prompts, text=study.text, max_tokens=study.max_tokens,
+        seq_len=study.seq_len, batch_size=study.batch_size, dtype=study.dtype,
+        abs_threshold=study.abs_threshold, ratio_threshold=study.ratio_threshold,
+    )
+    return scan(spec, model=model, out=out, progress=False).verdict
+
+
+def run_study(
+    study: Study,
+    *,
+    model: LoadedModel | None = None,
+    out: str | Path | None = "runs",
+    progress: bool = True,
+    resume: bool = True,
+    remote: str | None = None,
+) -> StudyResult:
+    """Run ``study`` and return its results (also written to ``out`` unless it is None).
+
+    Args:
+        remote: ``"local"`` runs every trace through nnsight's remote simulation, which
+            serialises the trace as NDIF would; an ``ndif:`` model runs on NDIF itself.
+    """
+    if out is not None:
+        out = runfile.check_writable(out)
+    if model is None:
+        model = load_model(study.model, dtype=study.dtype, remote=remote)
+    elif remote is not None:
+        model = dataclasses.replace(model, remote=remote, _lm=model._lm)
+
+    verdict = _study_scan(study, model, out)
+    ctx = Context(model=model, me_layer=verdict["me_layer"], massive_dims=tuple(verdict["massive_dims"][:4]))
+    for condition in study.conditions:
+        validate_condition(condition, ctx)
+
+    source, text_sha, rows = resolve_rows(ScanSpec(
+        prompts=study.prompts, text=study.text, max_tokens=study.max_tokens, seq_len=study.seq_len,
+    ), model.tokenizer)
+    batches = make_batches(rows, batch_size=study.batch_size, pad=pad_id(model.tokenizer))
+    strings = [model.tokenizer.convert_ids_to_tokens(r) for r in rows]
+
+    identity = {**study.to_dict(), "text_sha256": text_sha, "weights_sha256": model.weights_sha256}
+    digest = runfile.spec_hash(identity)[:12]
+    store = partial_dir = None
+    if out is not None:
+        store = out / f"study-{study.name}-{digest}.h5"
+        partial_dir = out / f".study-{study.name}-{digest}.partial"
+        if resume and store.exists() and runfile.stored_hash(store) == runfile.spec_hash(identity):
+            return StudyResult(runfile.open_run(store), store, reused=True)
+
+    _calibrate(study, ctx, batches, strings)
+    _prepare_replacements(study, ctx)
+    compiled = {c.name: compile_condition(c, ctx) for c in (BASELINE, *study.conditions)}
+
+    parts = []
+    total = len(batches) * (1 + len(study.conditions))
+    bar = tqdm(total=total, desc=f"study {study.name}", unit="forward", disable=not progress, leave=False)
+    for batch in batches:
+        name = f"batch-{batch.index:06d}"
+        part = runfile.load_partial(partial_dir, name) if (partial_dir and resume) else None
+        if part is None:
+            row_strings = [strings[i] for i in batch.prompt_ids]
+            part = _run_batch(study, ctx, compiled, batch, row_strings, bar)
+            if partial_dir is not None:
+                runfile.save_partial(partial_dir, name, part)
+        else:
+            bar.update(1 + len(study.conditions))
+        parts.append(part)
+    bar.close()
+
+    ds = _assemble(study, ctx, parts)
+    ds.attrs["mechme_verdict"] = json.dumps(verdict)
+    ds.attrs["mechme_me_layer"] = -1 if ctx.me_layer is None else ctx.me_layer
+    if store is not None:
+        runfile.write_run(ds, store, kind="study", spec=identity, model_info=model.describe())
+        ds = runfile.open_run(store)
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    return StudyResult(ds, store)
+
+
+def _run_batch(study, ctx, compiled, batch, strings, bar) -> dict[str, np.ndarray]:
+    names = ["baseline", *(c.name for c in study.conditions)]
+    conditions = {c.name: c for c in study.conditions}
+    base_logprobs = None
+    results = {}
+    for name in names:
+        condition = conditions.get(name, BASELINE)
+        with weight_edits(condition, ctx):
+            stats, logprobs = trace_condition(study, ctx, compiled[name], batch, strings, base_logprobs)
+        if name == "baseline":
+            base_logprobs = logprobs
+        results[name] = stats
+        bar.update(1)
+    return {f"{name}/{key}": value for name, stats in results.items() for key, value in stats.items()}
+
+
+def trace_condition(study, ctx, edits, batch: Batch, strings, base_logprobs):
+    """Run one condition on one batch; return (per-prompt stats, log-probs on the device)."""
+    import nnsight
+
+    model = ctx.model
+    me = ctx.me_layer
+    dims = torch.tensor(ctx.massive_dims, dtype=torch.long)
+    real = batch.attention_mask.bool()
+    ids = batch.input_ids
+    edit_at = {}
+    for edit in edits:
+        edit_at.setdefault(edit.layer, []).append(edit)
+    read_layers = [] if me is None else list(range(me, model.n_layers))
+    last_layer = max([*edit_at, *read_layers], default=-1)
+
+    with torch.no_grad(), model.lm.trace(batch.model_inputs(), **model.trace_kwargs()):
+        per_layer = []
+        me_stats = None
+        for layer in range(last_layer + 1):
+            post = None
+            for edit in edit_at.get(layer, []):
+                value = apply_edit(edit, ctx, batch, strings)
+                if edit.site == "resid_post":
+                    post = value
+            if layer in read_layers:
+                if post is None:
+                    post = read_site(model, layer, "resid_post")
+                if layer == me:
+                    me_stats = massive.reduce_layer(
+                        post, real, batch.n_pad, study.abs_threshold, study.ratio_threshold
+                    )
+                a = post.detach().float().abs() * real.unsqueeze(-1)
+                per_layer.append(a[..., dims].amax(dim=1))  # [batch, massive_dim]
+        logits = model.lm.output.logits
+        logprobs = torch.log_softmax(logits.detach().float(), dim=-1)
+        stats = _compare(logprobs, base_logprobs, ids, real)
+        if me_stats is not None:
+            stats["me_top"] = me_stats["top_value"][:, 0]
+            stats["me_massive_count"] = me_stats["massive_per_token"].sum(-1)
+        if per_layer:
+            stats["massive_by_layer"] = torch.stack(per_layer, dim=1)  # [batch, layer, massive_dim]
+        saved = nnsight.save({"stats": stats, "logprobs": logprobs})
+    stats = {k: v.cpu().numpy() for k, v in saved["stats"].items()}
+    return stats, saved["logprobs"]
+
+
+def _compare(logprobs, base_logprobs, ids, real) -> dict[str, torch.Tensor]:
+    """Per-prompt sums over real next-token positions: KL, loss and top-1 agreement."""
+    # A position counts when it and the next token are real (the last position has no target).
+    valid = (real[:, :-1] & real[:, 1:]).float()
+    lp = logprobs[:, :-1]
+    nll = -lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if base_logprobs is None:
+        base = lp
+    else:
+        base = base_logprobs[:, :-1]
+    kl = (base.exp() * (base - lp)).sum(-1)
+    agree = (lp.argmax(-1) == base.argmax(-1)).float()
+    return {
+        "kl_sum": (kl * valid).sum(-1),
+        "nll_sum": (nll * valid).sum(-1),
+        "agree_sum": (agree * valid).sum(-1),
+        "n_positions": valid.sum(-1),
+    }
+
+
+def _calibrate(study: Study, ctx: Context, batches: list[Batch], strings) -> None:
+    """Compute the mean of each (layer, site) that a Mean op needs, over all real tokens."""
+    import nnsight
+
+    from mechme.engine.sites import forward_order
+
+    needed = forward_order([
+        (layer, iv.site)
+        for c in study.conditions for iv in c.interventions if isinstance(iv.op, Mean)
+        for layer in iv.layers
+    ])
+    if not needed:
+        return
+    model = ctx.model
+    sums = {key: 0.0 for key in needed}
+    count = 0
+    for batch in batches:
+        real = batch.attention_mask.bool()
+        with torch.no_grad(), model.lm.trace(batch.model_inputs(), **model.trace_kwargs()):
+            totals = nnsight.save({
+                key: read_site(model, *key)[real].detach().float().sum(0) for key in needed
+            })
+        for key in needed:
+            sums[key] = sums[key] + totals[key]
+        count += int(real.sum())
+    ctx.calibration = {key: value / count for key, value in sums.items()}
+
+
+def _prepare_replacements(study: Study, ctx: Context) -> None:
+    """Record the clean state of each source prompt that a Replace op needs."""
+    import nnsight
+
+    from mechme.engine.sites import forward_order
+
+    model = ctx.model
+    wanted: dict[str, set] = {}
+    for c in study.conditions:
+        for iv in c.interventions:
+            if isinstance(iv.op, Replace):
+                positions = (0,) if iv.tokens.kind == "first" else iv.tokens.positions
+                for layer in iv.layers:
+                    for p in positions:
+                        wanted.setdefault(iv.op.prompt, set()).add((layer, iv.site, p))
+    for prompt, keys in wanted.items():
+        ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+        length = ids.shape[1]
+        for _, _, p in keys:
+            if not -length <= p < length:
+                raise SpecError(f"Replace source prompt {prompt!r} has {length} tokens; position {p} is out of range")
+        order = forward_order([(layer, site) for layer, site, _ in keys])
+        with torch.no_grad(), model.lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+            states = nnsight.save({key: read_site(model, *key)[0].detach().clone() for key in order})
+        for layer, site, p in keys:
+            ctx.replacements[(prompt, layer, site, p)] = states[(layer, site)][p]
+
+
+def _assemble(study: Study, ctx: Context, parts: list[dict]) -> xr.Dataset:
+    names = ["baseline", *(c.name for c in study.conditions)]
+
+    def cat(key):
+        return np.stack([np.concatenate([p[f"{n}/{key}"] for p in parts]) for n in names])
+
+    data = {
+        "kl_sum": (("condition", "prompt"), cat("kl_sum")),
+        "nll_sum": (("condition", "prompt"), cat("nll_sum")),
+        "agree_sum": (("condition", "prompt"), cat("agree_sum")),
+        "n_positions": (("condition", "prompt"), cat("n_positions")),
+    }
+    coords = {"condition": names}
+    if ctx.me_layer is not None:
+        data["me_top"] = (("condition", "prompt"), cat("me_top").astype(np.float32))
+        data["me_emerges"] = (("condition", "prompt"), cat("me_massive_count") > 0)
+        data["massive_by_layer"] = (("condition", "prompt", "layer", "massive_dim"), cat("massive_by_layer"))
+        coords["layer"] = np.arange(ctx.me_layer, ctx.model.n_layers)
+        coords["massive_dim"] = np.array(ctx.massive_dims, dtype=np.int64)
+    ds = xr.Dataset(data, coords={**coords, "prompt": np.arange(data["kl_sum"][1].shape[1])})
+    ds["massive_by_layer" if "massive_by_layer" in ds else "kl_sum"].attrs["description"] = (
+        "largest |activation| of each massive dim over real tokens, per layer from the ME Layer on"
+    ) if "massive_by_layer" in ds else "KL(baseline || condition) summed over real next-token positions"
+    return ds
