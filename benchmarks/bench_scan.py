@@ -10,7 +10,7 @@ all of them:
 - naive: the same forward pass, with a CPU copy of every hidden state kept until
   all batches are done, then per-layer top-1 |a| and median |a| computed from them.
 
-Peak memory (``ru_maxrss``) of a full scan and of the naive method is measured at N and
+Peak memory (peak RSS, ``VmHWM``) of a full scan and of the naive method is measured at N and
 10 x N tokens, each in a fresh child process of this script (``--child``).
 
 Run from the repository root:
@@ -49,13 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--timing-tokens", type=int, help="tokens per timed pass (default 4096; --quick: 2048)")
-    parser.add_argument("--repeats", type=int, help="timed passes per method (default 5; --quick: 2)")
+    parser.add_argument("--timing-tokens", type=int, help="tokens per timed pass (default 4096, or 2048 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed passes per method (default 5, or 2 with --quick)")
     parser.add_argument(
         "--memory-tokens", type=int,
-        help="smaller token count N of the memory runs (default 4096; --quick: 1024)",
+        help="token count N of the smaller memory run (default 4096, or 1024 with --quick)",
     )
-    parser.add_argument("--memory-scale", type=int, default=10, help="the larger memory run uses N times this (10)")
+    parser.add_argument("--memory-scale", type=int, default=10, help="the larger memory run uses N times this many tokens (default 10)")
     parser.add_argument("--skip-memory", action="store_true", help="run only the timing part")
     parser.add_argument("--quick", action="store_true", help="short run with small sizes, for a smoke check")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -89,21 +89,21 @@ def setup(args: argparse.Namespace, tokens: int):
     spec = ScanSpec(
         model=args.model, text=args.text, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=tokens,
     )
-    # The same calls as scan(), so every method sees the batches that scan() builds.
+    # The same calls as scan(), so every method runs on the batches that scan() builds.
     _, _, rows = resolve_rows(spec, loaded.tokenizer)
     batches = make_batches(rows, batch_size=spec.batch_size, pad=pad_id(loaded.tokenizer))
     return loaded, spec, batches
 
 
-def current_rss_mib() -> float:
-    """Return this process's resident set size now, from /proc (Linux only)."""
+def proc_status_mib(field: str) -> float:
+    """Return a memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB, on Linux only."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS missing from /proc/self/status; the memory benchmark needs Linux")
+    raise RuntimeError(f"{field} missing from /proc/self/status; the memory benchmark needs Linux")
 
 
-def peak_rss_mib() -> float:
+def ru_maxrss_mib() -> float:
     # On Linux ru_maxrss is in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -139,28 +139,28 @@ def run_naive(loaded, batches) -> list[dict]:
     """Keep a CPU copy of every hidden state, then reduce them all at the end."""
     import torch
 
-    kept = []
+    saved_states = []
     with torch.no_grad():
         for batch in batches:
             out = loaded.model(**batch.model_inputs(), output_hidden_states=True)
-            kept.append([h.detach().to("cpu", copy=True) for h in out.hidden_states])
-        return naive_stats(kept, [p for batch in batches for p in batch.n_pad])
+            saved_states.append([h.detach().to("cpu", copy=True) for h in out.hidden_states])
+        return naive_stats(saved_states, [p for batch in batches for p in batch.n_pad])
 
 
-def naive_stats(kept: list[list], n_pad: list[int]) -> list[dict]:
+def naive_stats(saved_states: list[list], n_pad: list[int]) -> list[dict]:
     """Return per-prompt top-1 |a| and median |a|, and the pooled median, per hidden state.
 
-    Hidden state 0 is the embedding output, like the scan's ``input`` statistics. The
-    last one comes after the model's final norm in Hugging Face models, so its values
+    Hidden state 0 is the embedding output, like the scan's ``input`` statistics. In
+    transformers 5.25 the last one comes after the model's final norm, so its values
     differ from the scan's last ``resid_post``, but the work is the same.
     """
     import torch
 
     stats = []
-    for index in range(len(kept[0])):
+    for index in range(len(saved_states[0])):
         # Rows of different batches can differ in width only with padding, which text
         # rows of a full seq_len do not have.
-        h = torch.cat([states[index] for states in kept]).abs()
+        h = torch.cat([states[index] for states in saved_states]).abs()
         if any(n_pad):
             rows = [h[b, p:].reshape(-1) for b, p in enumerate(n_pad)]
             top1 = torch.stack([r.max() for r in rows])
@@ -232,8 +232,15 @@ def time_methods(args: argparse.Namespace) -> dict:
 
 def child_main(args: argparse.Namespace) -> None:
     """Run one method at ``--tokens`` tokens and print its memory use as one JSON line."""
+    import torch
+
     loaded, spec, batches = setup(args, args.tokens)
-    after_load = current_rss_mib()
+    # Right after load_model the weights are not all resident (RSS grows by about
+    # 500 MiB on their first read), so read them all before taking the baseline RSS.
+    with torch.no_grad():
+        for parameter in loaded.model.parameters():
+            parameter.sum()
+    resident = proc_status_mib("VmRSS")
     start = time.perf_counter()
     if args.child == "scan":
         with tempfile.TemporaryDirectory(prefix="mechme-bench-") as tmp:
@@ -243,8 +250,13 @@ def child_main(args: argparse.Namespace) -> None:
     result = {
         "method": args.child,
         "tokens": sum(sum(batch.lengths) for batch in batches),
-        "rss_after_load_mib": after_load,
-        "peak_rss_mib": peak_rss_mib(),
+        "rss_model_resident_mib": resident,
+        # VmHWM is the peak RSS of this process's own address space. ru_maxrss is kept
+        # for reference only, because it can report the benchmark parent's peak instead.
+        # CPython 3.10+ starts children with vfork, and on Linux (checked on 6.18) the
+        # child's ru_maxrss then starts at the parent's peak.
+        "peak_rss_mib": proc_status_mib("VmHWM"),
+        "ru_maxrss_mib": ru_maxrss_mib(),
         "seconds": time.perf_counter() - start,
     }
     print(json.dumps(result), flush=True)
@@ -283,8 +295,8 @@ def measure_memory(args: argparse.Namespace, model_shape: dict) -> dict:
         for tokens in (small, large):
             if method == "naive":
                 estimate_mib = naive_bytes_estimate(model_shape, tokens) / 2**20
-                # Half of the free memory leaves room for the model, the concatenation
-                # in naive_stats and whatever else runs on the machine.
+                # Half of the available memory leaves room for the model, the
+                # concatenation in naive_stats and whatever else runs on the machine.
                 if estimate_mib > 0.5 * available_mib():
                     results["skipped"].append({
                         "method": method, "tokens": tokens, "estimated_hidden_states_mib": estimate_mib,
@@ -297,15 +309,15 @@ def measure_memory(args: argparse.Namespace, model_shape: dict) -> dict:
             if method == "naive":
                 run["estimated_hidden_states_mib"] = naive_bytes_estimate(model_shape, tokens) / 2**20
             results["runs"].append(run)
-            log(f"  peak RSS {run['peak_rss_mib']:.0f} MiB (after load {run['rss_after_load_mib']:.0f} MiB)")
+            log(f"  peak RSS {run['peak_rss_mib']:.0f} MiB (model resident {run['rss_model_resident_mib']:.0f} MiB)")
     for method in ("scan", "naive"):
         by_size = {run["tokens"]: run for run in results["runs"] if run["method"] == method}
         sizes = sorted(by_size)
         if len(sizes) == 2:
             low, high = by_size[sizes[0]], by_size[sizes[1]]
             results[f"{method}_peak_ratio"] = high["peak_rss_mib"] / low["peak_rss_mib"]
-            growth_low = low["peak_rss_mib"] - low["rss_after_load_mib"]
-            growth_high = high["peak_rss_mib"] - high["rss_after_load_mib"]
+            growth_low = low["peak_rss_mib"] - low["rss_model_resident_mib"]
+            growth_high = high["peak_rss_mib"] - high["rss_model_resident_mib"]
             results[f"{method}_growth_mib"] = [growth_low, growth_high]
     return results
 
@@ -359,16 +371,18 @@ def markdown(results: dict) -> str:
     if memory:
         lines += [
             "",
-            "Peak RSS (ru_maxrss) of one fresh process per row; 'after load' is the RSS once the model is "
-            "loaded and the text tokenized.",
+            "Peak RSS (VmHWM) of one fresh process per row. 'Model resident' is the RSS after "
+            "loading the model, reading all its weights once and tokenizing the text; 'growth' is "
+            "the peak minus that.",
             "",
-            "| method | tokens | after load MiB | peak MiB | growth over load MiB | seconds |",
+            "| method | tokens | model resident MiB | peak MiB | growth MiB | seconds |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for run in memory["runs"]:
             lines.append(
-                f"| {run['method']} | {run['tokens']} | {run['rss_after_load_mib']:.0f} | {run['peak_rss_mib']:.0f} "
-                f"| {run['peak_rss_mib'] - run['rss_after_load_mib']:.0f} | {run['seconds']:.1f} |"
+                f"| {run['method']} | {run['tokens']} | {run['rss_model_resident_mib']:.0f} "
+                f"| {run['peak_rss_mib']:.0f} | {run['peak_rss_mib'] - run['rss_model_resident_mib']:.0f} "
+                f"| {run['seconds']:.1f} |"
             )
         for skipped in memory["skipped"]:
             lines.append(f"| {skipped['method']} | {skipped['tokens']} | skipped: {skipped['reason']} | | | |")
@@ -376,9 +390,10 @@ def markdown(results: dict) -> str:
         for method in ("scan", "naive"):
             key = f"{method}_peak_ratio"
             if key in memory:
+                low, high = memory[f"{method}_growth_mib"]
                 lines.append(
                     f"- {method}: peak at {memory['large_tokens']} / peak at {memory['small_tokens']} tokens = "
-                    f"{memory[key]:.3f}"
+                    f"{memory[key]:.3f}; growth over the resident model {low:.0f} -> {high:.0f} MiB"
                 )
     return "\n".join(lines)
 
@@ -388,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
         if args.tokens is None:
-            raise SystemExit("--child needs --tokens")
+            raise SystemExit("--child requires --tokens")
         child_main(args)
         return
 

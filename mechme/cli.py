@@ -51,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", metavar="DIR", help="folder for the run file and figure (default: runs)")
     p.add_argument("--no-resume", action="store_true", help="recompute even if a finished run or checkpoints exist")
 
+    p = sub.add_parser("run", help="run a study defined in a Python file")
+    p.add_argument("study", metavar="STUDY.py", help="Python file that defines a mechme.specs.Study (one per file)")
+    p.add_argument("--remote", choices=["local", "ndif"], help="run traces through nnsight's remote path")
+    p.add_argument("--out", default="runs", metavar="DIR", help="folder for the run file (default: runs)")
+    p.add_argument("--no-resume", action="store_true", help="recompute even if a finished run or checkpoints exist")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("attribute", help="attribute the massive activation to FFN neurons and norm gains")
+    _add_model(p)
+    p.add_argument("--prompts", metavar="NAME", default="sentences", help="bundled prompt set (default: sentences)")
+    p.add_argument("--neurons", type=int, default=8, metavar="N", help="neurons to ablate (default: 8)")
+    p.add_argument("--gain-dims", type=int, default=8, metavar="N", help="gain dims to ablate (default: 8)")
+    p.add_argument("--out", default="runs", metavar="DIR", help="folder for the run file (default: runs)")
+
     p = sub.add_parser("cache", help="show or clear the safetensors cache of the bundled models")
     p.add_argument("action", choices=["list", "clear", "path"], help="list entries, clear them, or print the folder")
     p.add_argument("--name", help="one bundled model (default: all)")
@@ -103,6 +117,41 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from mechme.engine.study import load_study_file, run_study
+    from mechme.models.loading import NDIF_PREFIX
+    from mechme.reports import format_study
+
+    study = load_study_file(args.study)
+    remote = None
+    if args.remote == "local":
+        remote = "local"
+    elif args.remote == "ndif" and not study.model.startswith(NDIF_PREFIX):
+        raise MechmeError(
+            f"--remote ndif needs a model hosted on NDIF, but the study's model is {study.model!r}; "
+            "set model='ndif:ORG/NAME' in the study"
+        )
+    result = run_study(study, out=args.out, progress=True, resume=not args.no_resume, remote=remote)
+    summary = result.summary()
+    if args.json:
+        print(json.dumps({"store": str(result.store) if result.store else None, "conditions": summary}))
+    else:
+        print(format_study(study.name, summary, result.store))
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    from mechme.engine.attribution import attribute
+    from mechme.models import load_model
+    from mechme.reports import format_attribution
+
+    model = load_model(args.model)
+    result = attribute(model, prompts=args.prompts, n_neurons=args.neurons, n_gain_dims=args.gain_dims,
+                       out=args.out, progress=True)
+    print(json.dumps(result) if args.json else format_attribution(result))
+    return 0
+
+
 def cmd_cache(args) -> int:
     from mechme.models import bundled
 
@@ -121,7 +170,7 @@ def cmd_cache(args) -> int:
     return 0
 
 
-COMMANDS = {"scan": cmd_scan, "cache": cmd_cache}
+COMMANDS = {"scan": cmd_scan, "run": cmd_run, "attribute": cmd_attribute, "cache": cmd_cache}
 
 
 if __name__ == "__main__":

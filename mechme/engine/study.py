@@ -305,3 +305,20 @@ def _assemble(study: Study, ctx: Context, parts: list[dict]) -> xr.Dataset:
         "largest |activation| of each massive dim over real tokens, per layer from the ME Layer on"
     ) if "massive_by_layer" in ds else "KL(baseline || condition) summed over real next-token positions"
     return ds
+
+
+def load_study_file(path: str | Path) -> Study:
+    """Execute a Python file and return the one `Study` it defines at module level."""
+    import runpy
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"study file {str(path)!r} not found")
+    namespace = runpy.run_path(str(path), run_name="mechme_study")
+    studies = [v for v in namespace.values() if isinstance(v, Study)]
+    if len(studies) != 1:
+        raise SpecError(
+            f"{path} defines {len(studies)} Study objects at module level; define exactly one "
+            "(e.g. study = Study(name=..., conditions=[...]))"
+        )
+    return studies[0]
