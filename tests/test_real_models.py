@@ -78,3 +78,31 @@ def test_gemma3_me_layer_0_dim_400_at_bos(gemma3):
         assert (top_dims.sel(layer=layer).values == 163).mean() >= 0.9, layer
     for layer in range(0, 3):
         assert (top_dims.sel(layer=layer).values == 400).all(), layer
+
+
+def test_smollm2_zeroing_first_token_mlp_removes_massive(smollm2):
+    from mechme.engine.study import run_study
+    from mechme.specs import Condition, Intervention, Study, Zero
+
+    study = Study(name="zero-mlp", conditions=[
+        Condition(name="zero", interventions=[Intervention(site="mlp_out", layers=11, op=Zero())])])
+    result = run_study(study, model=smollm2, out=None, progress=False)
+    summary = result.summary()
+    assert summary["baseline"]["massive_max"] > 2e4
+    per_prompt = np.abs(result.dataset.me_top.sel(condition="zero").values)
+    assert np.median(per_prompt) < 120
+    assert summary["zero"]["emerges"] is False
+    assert summary["zero"]["kl"] > 1.0
+
+
+def test_smollm2_attribution_separates_top_neurons(smollm2):
+    from mechme.engine.attribution import attribute
+
+    result = attribute(smollm2, seeds=(0, 1, 2))
+    assert result["me_layer"] == 11 and result["massive_dim"] == 507
+    assert result["neuron_share_top"] > 0.9
+    assert result["ablate_top"]["emerges"] is False
+    assert all(r["emerges"] for r in result["ablate_random"])
+    assert all(r["massive_max"] > 1e4 for r in result["ablate_random"])
+    scale = result["rms_scale"]["12"]
+    assert scale["ratio"] > 50  # the massive token's 1/rms collapses once the spike exists
