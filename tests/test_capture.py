@@ -102,7 +102,8 @@ def live_rigidity(model, rows, layers):
 
 def test_first_token_layout_and_values(planted_llama, tmp_path):
     path = capture(planted_llama, sites=["resid_post"], out=tmp_path, progress=False)
-    assert path.name.startswith("capture-") and path.suffix == ".h5"
+    assert path.name.startswith("capture-")
+    assert path.suffix == ".h5"
     ds = xr.open_dataset(path, engine="h5netcdf")
     assert ds.resid_post.dims == ("prompt", "layer", "dim")
     assert ds.resid_post.dtype == np.float32
@@ -363,7 +364,8 @@ def test_patch_first_token_restores_clean_logits(planted_llama, tmp_path):
     rows = prompt_rows(planted_llama)
     p = 5
     patch = load_patch(path, planted_llama, site="resid_post", layer=1, prompt=p)
-    assert patch.shape == (64,) and patch.dtype == torch.float32
+    assert patch.shape == (64,)
+    assert patch.dtype == torch.float32
 
     def perturb(model):
         # The MLP acts per position, so this changes layer 1's output at position 0 only.
@@ -421,7 +423,7 @@ def test_patch_request_outside_capture(planted_llama, tmp_path):
     path = capture(planted_llama, layers="1-2", out=tmp_path, progress=False)
     cases = [
         (dict(site="mlp_out", layer=1, prompt=0), "site 'mlp_out' is not in capture"),
-        (dict(site="resid_post", layer=3, prompt=0), "layer 3 is not in capture .* it holds layers 1-2"),
+        (dict(site="resid_post", layer=3, prompt=0), "layer 3 is not in capture .* it contains layers 1-2"),
         (dict(site="resid_post", layer=1, prompt=16), "prompt 16 is out of range; .* has prompts 0..15"),
         (dict(site="resid_post", layer=1, prompt=0, position=2), "position 2 of prompt 0 is not in capture"),
         (dict(site="resid_post", layer=1, prompt="Never captured."), "is not among the 16 prompts"),
@@ -455,7 +457,7 @@ def test_offline_rigidity_skips_missing_previous_layer(planted_llama, tmp_path):
     with pytest.raises(SpecError, match="site 'mlp_out' is not in capture"):
         rigidity_from_capture(path, site="mlp_out")
     no_first = capture(planted_llama, tokens="1,2", layers=0, out=tmp_path, progress=False)
-    with pytest.raises(SpecError, match="holds no token at position 0"):
+    with pytest.raises(SpecError, match="contains no token at position 0"):
         rigidity_from_capture(no_first)
 
 
@@ -497,7 +499,8 @@ def test_cli_json_output(planted_folder, tmp_path, capsys):
 def test_cli_table_and_bad_site(planted_folder, tmp_path, capsys):
     assert run_command(["capture", "--model", str(planted_folder), "--site", "resid_post", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "capture file:" in out and "layers:       0-3" in out
+    assert "capture file:" in out
+    assert "layers:       0-3" in out
     with pytest.raises(SpecError, match="unknown site 'resid'"):
         run_command(["capture", "--model", str(planted_folder), "--site", "resid", "--out", str(tmp_path)])
 

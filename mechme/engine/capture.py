@@ -14,7 +14,7 @@ and ``h5py.File(path)`` both read it):
 - any other selector: each site is ``[token, layer, dim]`` over a flat token axis (no
   padding), with per-token coordinates ``prompt``, ``position``, ``token_id`` and
   ``token_string``.
-- the group ``prompts`` holds per-prompt ``length`` and ``ids_sha256`` (the sha256 of
+- the group ``prompts`` contains per-prompt ``length`` and ``ids_sha256`` (the sha256 of
   the prompt's token ids), which `load_patch` uses to find a prompt by its text.
 
 Values are float32 whatever the model dtype, because bfloat16 cannot hold massive values
@@ -72,7 +72,7 @@ ATTR = runfile.ATTR_PREFIX
 
 @dataclass(frozen=True, kw_only=True)
 class CaptureSpec:
-    """What a capture reads and from which text.
+    """Spec of a capture: the sites, layers and tokens to save, and the text to run.
 
     Attributes:
         model: model reference (bundled name, folder, .gguf, hub id or ndif:ORG/NAME).
@@ -338,7 +338,7 @@ def capture(
         stored = runfile.stored_hash(final)
         if stored != full_hash:
             raise StoreError(
-                f"{final} holds a capture with spec hash {stored!r}, not {full_hash!r}; it is never "
+                f"{final} contains a capture with spec hash {stored!r}, not {full_hash!r}; it is never "
                 "overwritten, so choose another output folder or delete it"
             )
         if resume:
@@ -365,7 +365,7 @@ def _say(enabled: bool, message: str) -> None:
 
 
 def _open_partial(partial: Path, full_hash: str, resume: bool) -> int:
-    """Return how many batches a partial file of this spec holds (0: start afresh)."""
+    """Return the number of finished batches in a partial file of this spec (0: start afresh)."""
     if not partial.exists():
         return 0
     if not resume:
@@ -383,7 +383,7 @@ def _open_partial(partial: Path, full_hash: str, resume: bool) -> int:
         return 0
     if stored != full_hash:
         raise StoreError(
-            f"{partial} holds a partial capture with spec hash {stored!r}, not {full_hash!r}; it is never "
+            f"{partial} contains a partial capture with spec hash {stored!r}, not {full_hash!r}; it is never "
             "overwritten, so choose another output folder or delete it"
         )
     return done
@@ -476,7 +476,7 @@ def _write_batches(path: Path, plan: CapturePlan, model: LoadedModel, *, start: 
     pairs = forward_order([(layer, site) for layer in plan.layers for site in plan.spec.sites])
     row = sum(len(p) for p in plan.picks[:start])
     layer_count = len(plan.layers)
-    # A cache that holds one partly filled chunk per layer lets the next batch finish
+    # A cache with room for one partly filled chunk per layer lets the next batch finish
     # it in memory; w0=1 evicts fully written chunks first.
     cache = 2 * layer_count * CHUNK_BYTES
     bar = tqdm(total=len(plan.batches), initial=start, desc=f"capture {plan.identity['model']}", unit="batch",
@@ -689,17 +689,17 @@ def load_patch(
     check_same_model(path, model, attrs)
     sites = json.loads(attrs[f"{ATTR}sites"])
     if site not in sites:
-        raise SpecError(f"site {site!r} is not in capture {path}; it holds {', '.join(sites)}")
+        raise SpecError(f"site {site!r} is not in capture {path}; it contains {', '.join(sites)}")
     spec = json.loads(attrs[f"{ATTR}spec"])
     with h5py.File(path, "r") as fh:
         layers = [int(v) for v in fh["layer"][()]]
         if layer not in layers:
-            raise SpecError(f"layer {layer!r} is not in capture {path}; it holds layers {format_layers(layers)}")
+            raise SpecError(f"layer {layer!r} is not in capture {path}; it contains layers {format_layers(layers)}")
         index = _prompt_index(fh, path, prompt, model, spec)
         row = _row_of(fh, path, index, position)
         value = _read(path, fh[site], (row, layers.index(layer)))
     if np.isnan(value).any():
-        raise StoreError(f"{path} is corrupt: {site} at prompt {index}, layer {layer} holds NaN (never written)")
+        raise StoreError(f"{path} is corrupt: {site} at prompt {index}, layer {layer} contains NaN (never written)")
     return torch.from_numpy(value).to(model.device)
 
 

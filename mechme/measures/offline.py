@@ -10,7 +10,7 @@ file written by `mechme.engine.capture.capture` and returns, per layer:
 - ``mean_norm``: L2 norm of the state, averaged over prompts.
 
 A rigid massive-token state shows as ``cos_prev`` near 1 over many layers, a
-``pairwise_cos`` near 1 (every prompt holds the same state) and a large norm. The file
+``pairwise_cos`` near 1 (every prompt has the same state) and a large norm. The file
 is read one layer at a time, so memory holds one ``[prompt, dim]`` slice per layer.
 """
 
@@ -28,7 +28,7 @@ def rigidity_from_capture(path: str | Path, *, site: str = "resid_post") -> xr.D
     """Compute per-layer rigidity numbers from the first-token states in a capture.
 
     Args:
-        path: a finished capture. It must hold position 0 of every prompt: a capture
+        path: a finished capture. It must contain position 0 of every prompt: a capture
             with ``tokens="first"``, ``"all"`` or positions that include 0.
         site: the captured site to read (default ``resid_post``).
 
@@ -45,7 +45,7 @@ def rigidity_from_capture(path: str | Path, *, site: str = "resid_post") -> xr.D
 
     with open_capture(path) as ds:
         if site not in ds.data_vars:
-            raise SpecError(f"site {site!r} is not in capture {path}; it holds {', '.join(map(str, ds.data_vars))}")
+            raise SpecError(f"site {site!r} is not in capture {path}; it contains {', '.join(map(str, ds.data_vars))}")
         states = _first_token_states(ds[site], path)
         layers = [int(v) for v in ds.layer.values]
         n_prompts = states.sizes["row"]
@@ -92,7 +92,7 @@ def _first_token_states(values: xr.DataArray, path) -> xr.DataArray:
     rows = np.flatnonzero(values["position"].values == 0)
     if rows.size == 0:
         raise SpecError(
-            f"capture {path} holds no token at position 0; rigidity needs the first token, "
+            f"capture {path} contains no token at position 0; rigidity needs the first token, "
             "so capture with --tokens first (or all)"
         )
     return values.isel({axis: rows}).rename({axis: "row"})

@@ -24,6 +24,7 @@ class LoadedModel:
         weights_sha256: sha256 of the weights (file bytes where known, else tensor bytes).
         remote: ``None`` for a local model, else the nnsight remote backend to use
             (``"local"`` for the in-process simulation, ``"ndif"`` for the NDIF service).
+        repo_id: the Hugging Face id NDIF knows the model by (``ndif:`` models only).
     """
 
     ref: str
@@ -33,6 +34,7 @@ class LoadedModel:
     weights_sha256: str | None = None
     remote: str | None = None
     repo_id: str | None = None
+    remote_options: dict = field(default_factory=dict)  # BoundedRemoteBackend options: host, timeouts
     _lm: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -139,7 +141,9 @@ class LoadedModel:
             return {}
         if self.remote == "local":
             return {"remote": "local"}
-        return {"remote": True}
+        from mechme.engine.remote import BoundedRemoteBackend, model_key
+
+        return {"backend": BoundedRemoteBackend(model_key(self), **self.remote_options)}
 
     def describe(self) -> dict:
         return {
