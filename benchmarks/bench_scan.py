@@ -189,6 +189,9 @@ def time_methods(args: argparse.Namespace) -> dict:
         "naive keep-all": lambda out: run_naive(loaded, batches),
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
+    # CPU seconds of this process (all threads) next to wall seconds: other load on
+    # the machine stretches wall time more than it stretches CPU time.
+    cpu_times: dict[str, list[float]] = {name: [] for name in methods}
     with tempfile.TemporaryDirectory(prefix="mechme-bench-") as tmp:
         # One untimed pass each: the first nnsight trace and the first forward pay
         # one-off costs (graph set-up, allocator growth) that a long scan amortises.
@@ -199,16 +202,19 @@ def time_methods(args: argparse.Namespace) -> dict:
             for name, method in methods.items():
                 # A fresh folder per call, because scan() never overwrites a run file.
                 out = Path(tmp) / f"{repeat}-{len(times[name])}"
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 method(out)
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
             summary = ", ".join(f"{name} {values[-1]:.2f}s" for name, values in times.items())
             log(f"  repeat {repeat + 1}/{args.repeats}: {summary}")
 
     base = statistics.median(times["baseline"])
+    cpu_base = statistics.median(cpu_times["baseline"])
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
+        cpu_median = statistics.median(cpu_times[name])
         rows.append({
             "method": name,
             "median_s": median,
@@ -216,7 +222,10 @@ def time_methods(args: argparse.Namespace) -> dict:
             "max_s": max(values),
             "tokens_per_s": n_tokens / median,
             "ratio_to_baseline": median / base,
+            "cpu_median_s": cpu_median,
+            "cpu_ratio_to_baseline": cpu_median / cpu_base,
             "times_s": values,
+            "cpu_times_s": cpu_times[name],
         })
     return {
         "tokens_per_pass": n_tokens,
@@ -357,15 +366,17 @@ def markdown(results: dict) -> str:
     lines = [
         f"Timing: {timing['tokens_per_pass']} tokens per pass ({timing['batches_per_pass']} batch(es) of "
         f"{results['args']['batch_size']} x {results['args']['seq_len']}), median of {timing['repeats']} "
-        f"interleaved repeats, {results['args']['threads']} threads.",
+        f"interleaved repeats, {results['args']['threads']} threads. Load average (1 min) "
+        f"{results['load_average_start'][0]:.2f} at the start, {results['load_average_end'][0]:.2f} at the end.",
         "",
-        "| method | median s | min s | max s | tokens/s | ratio to baseline |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | median s | min s | max s | tokens/s | ratio to baseline | median CPU s | CPU ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in timing["rows"]:
         lines.append(
             f"| {row['method']} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
-            f"| {row['tokens_per_s']:.0f} | {row['ratio_to_baseline']:.3f} |"
+            f"| {row['tokens_per_s']:.0f} | {row['ratio_to_baseline']:.3f} "
+            f"| {row['cpu_median_s']:.2f} | {row['cpu_ratio_to_baseline']:.3f} |"
         )
     memory = results.get("memory")
     if memory:

@@ -53,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward pass (default: 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="model dtype (default: float32); values are stored as float32 either way")
+    p.add_argument("--compression", default="gzip", choices=["gzip", "none"],
+                   help="gzip (level 1) or none; none writes many times faster and the file is about 13%% larger "
+                   "(default: gzip)")
     p.add_argument("--out", default="runs", metavar="DIR", help="folder for the capture file (default: runs)")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh even if a finished or interrupted capture with the same spec exists")
@@ -75,6 +78,7 @@ def cmd_capture(args) -> int:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        compression=args.compression,
     )
     path = capture(spec=spec, out=args.out, progress=True, resume=not args.no_resume)
     summary = describe_capture(path)

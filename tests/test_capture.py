@@ -146,6 +146,17 @@ def test_file_layout_for_lazy_layer_reads(planted_llama, tmp_path):
     ds.close()
 
 
+def test_uncompressed_capture_keeps_checksums(planted_llama, tmp_path):
+    packed = capture(planted_llama, out=tmp_path, progress=False)
+    plain = capture(planted_llama, compression="none", out=tmp_path, progress=False)
+    assert plain != packed
+    with h5py.File(plain, "r") as fh:
+        assert fh["resid_post"].compression is None
+        assert fh["resid_post"].fletcher32
+    with open_capture(packed) as a, open_capture(plain) as b:
+        np.testing.assert_array_equal(a.resid_post.values, b.resid_post.values)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_all_tokens_flat_layout_matches_forward(family, tmp_path):
     model = tiny_model(family, plant=Plant(layer=1, dim=9))
@@ -246,6 +257,7 @@ def test_spec_names_file_and_reuses_it(planted_llama, tmp_path):
         ({"tokens": "middle"}, "invalid token selector 'middle'"),
         ({"tokens": Tokens.at(500)}, "token selector positions 500 matches no token in the 16 prompt(s)"),
         ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+        ({"compression": "lz4"}, "invalid compression 'lz4'; choose one of gzip, none"),
     ],
 )
 def test_bad_input_raises(planted_llama, tmp_path, options, message):

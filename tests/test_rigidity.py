@@ -163,7 +163,8 @@ def test_pairwise_cosine_and_erank_against_numpy():
 def test_run_file_figures_and_reuse(planted_llama, tmp_path):
     ds, summary = measure_rigidity(planted_llama, out=tmp_path, progress=False)
     store = tmp_path / summary["store"].split("/")[-1]
-    assert store.name.startswith("rigidity-") and len(store.stem) == len("rigidity-") + 12
+    assert store.name.startswith("rigidity-")
+    assert len(store.stem) == len("rigidity-") + 12
     assert store.exists()
     assert all((tmp_path / f.split("/")[-1]).stat().st_size > 0 for f in summary["figures"])
     assert ds.attrs["mechme_kind"] == "rigidity"

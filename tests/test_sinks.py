@@ -80,7 +80,9 @@ def test_importance_matches_full_attention(tmp_path):
     assert summary["sink_rate"] == pytest.approx(100 * sinks.mean(), abs=1e-4)
     per_layer = [row["mean_attention_to_first"] for row in summary["layers"]]
     np.testing.assert_allclose(per_layer, expected.mean(axis=(0, 2)), atol=1e-5)
-    assert summary["epsilon"] == 0.15 and summary["seq_len"] == 64 and summary["n_prompts"] == len(PROMPTS)
+    assert summary["epsilon"] == 0.15
+    assert summary["seq_len"] == 64
+    assert summary["n_prompts"] == len(PROMPTS)
 
 
 def test_sliding_window_rows_match_full_attention(tmp_path):
@@ -148,7 +150,8 @@ def test_epsilon_out_of_range_raises(tiny_llama, epsilon):
 def test_run_file_and_figure(planted_llama, tmp_path):
     ds, summary = measure_sinks(planted_llama, out=tmp_path, progress=False)
     store = tmp_path / summary["store"].split("/")[-1]
-    assert store.name.startswith("sinks-") and len(store.stem) == len("sinks-") + 12
+    assert store.name.startswith("sinks-")
+    assert len(store.stem) == len("sinks-") + 12
     assert store.exists()
     assert (tmp_path / summary["figure"].split("/")[-1]).stat().st_size > 0
     assert ds.attrs["mechme_kind"] == "sinks"
@@ -173,7 +176,9 @@ def test_cli_sinks_json(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     for key in ("sink_rate", "epsilon", "seq_len", "n_prompts", "layers", "conditions", "store", "figure"):
         assert key in data
-    assert data["epsilon"] == 0.05 and data["seq_len"] == 32 and data["n_prompts"] == 16
+    assert data["epsilon"] == 0.05
+    assert data["seq_len"] == 32
+    assert data["n_prompts"] == 16
     assert set(data["layers"][0]) >= {"layer", "mean_attention_to_first"}
     assert set(data["conditions"]) == {"remove-massive"}
 

@@ -63,10 +63,7 @@ KIND = "capture"
 FORMAT_VERSION = 1
 BYTES_PER_VALUE = 4  # float32
 CHUNK_BYTES = 256 * 1024
-# Gzip level 1 with byte shuffling compresses float32 activations a little at low CPU
-# cost; Fletcher-32 adds a checksum to every chunk. All three are standard HDF5 filters
-# that netCDF-C also reads.
-FILTERS = {"compression": "gzip", "compression_opts": 1, "shuffle": True, "fletcher32": True}
+COMPRESSIONS = ("gzip", "none")
 ATTR = runfile.ATTR_PREFIX
 
 
@@ -87,6 +84,10 @@ class CaptureSpec:
         seq_len: tokens per row; longer prompts are truncated.
         batch_size: rows per forward pass.
         dtype: model dtype, ``"float32"`` or ``"bfloat16"``; values are stored as float32.
+        compression: ``"gzip"`` (level 1 with byte shuffling) or ``"none"``. On
+            SmolLM2-135M residuals gzip saves about 13% of the file and writes about 15
+            times slower (benchmarks/bench_capture.py), so ``"none"`` suits captures
+            of all tokens.
     """
 
     model: str = DEFAULT_MODEL
@@ -99,9 +100,12 @@ class CaptureSpec:
     seq_len: int = 256
     batch_size: int = 8
     dtype: str = "float32"
+    compression: str = "gzip"
 
     def __post_init__(self):
         object.__setattr__(self, "sites", parse_sites(self.sites))
+        if self.compression not in COMPRESSIONS:
+            raise SpecError(f"invalid compression {self.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
         if self.layers is not None:
             object.__setattr__(self, "layers", parse_layers(self.layers))
         if isinstance(self.tokens, str):
@@ -426,7 +430,7 @@ def _create_file(path: Path, plan: CapturePlan, model: LoadedModel) -> None:
             chunk_rows = max(1, min(n, CHUNK_BYTES // (width * BYTES_PER_VALUE)))
             dset = fh.create_dataset(
                 site, shape=(n, layer_count, width), dtype=np.float32, chunks=(chunk_rows, 1, width),
-                fillvalue=np.float32(np.nan), **FILTERS,
+                fillvalue=np.float32(np.nan), **_filters(plan.spec.compression),
             )
             _attach(dset, scales[axis], scales["layer"], scales[_feature_dim(site)])
             dset.attrs["coordinates"] = coordinate_names
@@ -442,6 +446,14 @@ def _create_file(path: Path, plan: CapturePlan, model: LoadedModel) -> None:
         fh.attrs[f"{ATTR}bytes"] = plan.n_bytes
         fh.attrs[f"{ATTR}batches_done"] = 0
         fh.attrs[f"{ATTR}complete"] = 0
+
+
+def _filters(compression: str) -> dict:
+    # Every chunk gets a Fletcher-32 checksum. Gzip, shuffle and Fletcher-32 are
+    # standard HDF5 filters that netCDF-C reads too.
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 1, "shuffle": True, "fletcher32": True}
+    return {"fletcher32": True}
 
 
 def _feature_dim(site: str) -> str:

@@ -15,8 +15,8 @@ with torch operations, so only a few numbers per prompt and layer leave the devi
   by their sum (Roy and Vetterli, 2007); rows are not mean-centred.
 
 Both run a baseline and then each condition, applying the condition's edits as
-`mechme.engine.study.trace_condition` does. This module also holds the condition and
-text plumbing that `mechme.measures.sinks` shares.
+`mechme.engine.study.trace_condition` does. The condition and text plumbing that
+`mechme.measures.sinks` shares lives here too.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def step_layer(ctx: Context, layer: int, edits: list[ActEdit], sites: tuple[str,
     """Apply one layer's edits and read ``sites`` of it, all in forward order.
 
     Call inside an active trace, layer after layer. A site that an edit changes is read
-    after the edit, so the measure sees the edited value.
+    after the edit, so the measure reads the edited value.
     """
     steps = [(_site_order(e.site), 0, i) for i, e in enumerate(edits)]
     steps += [(_read_order(s), 1, i) for i, s in enumerate(sites)]
@@ -165,7 +165,7 @@ def step_layer(ctx: Context, layer: int, edits: list[ActEdit], sites: tuple[str,
 
 
 def first_index(batch: Batch) -> torch.Tensor:
-    """Padded index of each row's first real token (position 0)."""
+    """Return the padded index of each row's first real token (position 0)."""
     return torch.tensor(batch.n_pad, dtype=torch.long)
 
 
@@ -173,7 +173,7 @@ def first_index(batch: Batch) -> torch.Tensor:
 
 
 def mean_pairwise_cosine(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cosine over distinct pairs of the masked rows of each ``[tokens, dim]`` matrix.
+    """Compute the mean cosine over distinct pairs of the masked rows of each ``[tokens, dim]`` matrix.
 
     Uses ``sum_{i != j} cos(x_i, x_j) = |sum_i u_i|^2 - n`` for unit rows ``u_i``, so
     it costs one pass. Returns NaN for a prompt with fewer than two masked rows.
@@ -185,7 +185,7 @@ def mean_pairwise_cosine(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def effective_rank(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Effective rank of each ``[tokens, dim]`` matrix restricted to its masked rows.
+    """Compute the effective rank of each ``[tokens, dim]`` matrix restricted to its masked rows.
 
     Masked-out rows are zeroed, which leaves the non-zero singular values unchanged.
     """
@@ -195,7 +195,7 @@ def effective_rank(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_diversity(x: torch.Tensor, real: torch.Tensor, first: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Diversity of one layer's attention input, per prompt, with and without position 0."""
+    """Compute the diversity of one layer's attention input, per prompt, with and without position 0."""
     rows = torch.arange(x.shape[0])
     without = real.clone()
     without[rows, first] = False
@@ -209,7 +209,7 @@ def reduce_diversity(x: torch.Tensor, real: torch.Tensor, first: torch.Tensor) -
 
 def reduce_rigidity(h: torch.Tensor, prev: torch.Tensor, real: torch.Tensor,
                     first: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-prompt rigidity statistics of one layer's ``resid_post`` against the layer before.
+    """Compute rigidity statistics of one layer's ``resid_post`` per prompt, against the layer before.
 
     Returns per-prompt values and the sums of unit vectors that the cross-prompt mean
     cosine needs, so that mean can be finished exactly after the last batch.
@@ -289,15 +289,18 @@ def assemble_rigidity(results: dict[str, list[dict]], rows: list[list[int]], mod
     for key in per_prompt:
         stacked = np.stack([np.concatenate([p[key] for p in results[n]], axis=1) for n in names])
         data[key] = (("condition", "layer", "prompt"), stacked.astype(np.float32))
+
     across = [_cross_prompt_cosines(results[n], n_prompts) for n in names]
     data["first_cos_across_prompts"] = (("condition", "layer"), np.stack([a[0] for a in across]).astype(np.float32))
     data["other_cos_across_prompts"] = (("condition", "layer"), np.stack([a[1] for a in across]).astype(np.float32))
     data["prompt_length"] = (("prompt",), np.array([len(r) for r in rows], dtype=np.int32))
+
     first_tokens = np.array(model.tokenizer.convert_ids_to_tokens([r[0] for r in rows]), dtype=str)
     ds = xr.Dataset(data, coords={
         "condition": names, "layer": np.arange(model.n_layers), "prompt": np.arange(n_prompts),
         "first_token": (("prompt",), first_tokens),
     })
+
     descriptions = {
         "first_cos_prev": "cosine of resid_post at position 0 with the same token one layer earlier",
         "first_norm": "L2 norm of resid_post at position 0",
@@ -399,9 +402,9 @@ def measure_rigidity(
             scanned here when None.
 
     Returns:
-        ``(dataset, summary)``: the Dataset has dims ``condition``, ``layer`` and
-        ``prompt``; the summary has ``me_layer``, ``layers`` and ``diversity`` for the
-        baseline and, with conditions, ``conditions`` mapping each name to the same.
+        ``(dataset, summary)``. The Dataset has dims ``condition``, ``layer`` and
+        ``prompt``. The summary has ``me_layer``, ``layers`` and ``diversity`` for the
+        baseline, and with conditions a ``conditions`` dict mapping each name to the same.
     """
     if isinstance(model, str):
         model = load_model(model)

@@ -12,7 +12,7 @@ The attention probabilities need eager attention; `eager_attention` switches the
 for the duration of the measure and restores its implementation afterwards. Each
 layer's ``[batch, head, query, key]`` weights are reduced inside the trace to
 ``[batch, head]`` importances of position 0 as soon as the layer has run, so memory
-holds at most one layer's attention.
+keeps at most one layer's attention.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def eager_attention(model: LoadedModel):
     if original == "eager":
         yield
         return
-    if model.remote is not None:
+    # The "local" remote backend simulates NDIF on this process's model, which can switch.
+    if model.remote not in (None, "local"):
         raise SpecError(
             f"attention sinks need eager attention, but {model.ref} runs remotely with {original!r} attention, "
             "which cannot be switched from here; load the model with attn_implementation='eager'"
@@ -86,7 +87,7 @@ def eager_attention(model: LoadedModel):
 
 
 def first_token_importance(weights: torch.Tensor, real: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """Gu et al. importance of each row's first real token, per head.
+    """Compute the Gu et al. importance of each row's first real token, per head.
 
     Args:
         weights: attention probabilities ``[batch, head, query, key]`` of one layer.

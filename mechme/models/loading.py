@@ -87,6 +87,8 @@ def load_model(ref: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32"
             )
     if remote not in (None, "local"):
         raise SpecError(f"invalid remote {remote!r} for a local model; use None or 'local', or load 'ndif:ORG/NAME'")
+    # Decoder-only models generate correctly only from left-padded batches.
+    tokenizer.padding_side = "left"
     loaded = LoadedModel(ref=ref, model=model.eval(), tokenizer=tokenizer, weights_sha256=sha, remote=remote)
     _check_linear_layers(loaded)
     return loaded
