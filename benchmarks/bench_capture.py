@@ -3,9 +3,9 @@
 Three measurements on one model and text, in one process unless stated:
 
 - throughput: ``capture()`` of resid_post at the first token of every layer (the
-  massive token), end to end into a fresh folder, against a plain Hugging Face forward
-  over the same batches, and against the decoder stack alone (``model.model``, no LM
-  head). A capture of all tokens (uncompressed) shows the cost of moving every state
+  massive token), end to end into a fresh folder. The baselines are a plain Hugging
+  Face forward over the same batches and the decoder stack alone (``model.model``, no
+  LM head). A capture of all tokens (uncompressed) shows the cost of moving every state
   to the file. Methods are interleaved per repeat so machine noise spreads over them.
 - write rate: ``capture()`` of resid_post at all tokens of every layer, with the trace
   replaced by a lookup of values captured beforehand, so only planning and the HDF5
@@ -38,8 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT / "data" / "text" / "moby-dick.txt"
 
-# One batch of 8 x 256 tokens of SmolLM2-135M takes about 5 s on an idle 2-core CPU;
-# the defaults keep the whole run near 10 minutes there. --quick shrinks every size.
+# --quick shrinks every size, for a smoke check.
 DEFAULTS = {"timing_tokens": 4096, "repeats": 3, "write_tokens": 4096, "memory_tokens": 2048}
 QUICK = {"timing_tokens": 2048, "repeats": 2, "write_tokens": 2048, "memory_tokens": 512}
 

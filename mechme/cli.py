@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gain-dims", type=int, default=8, metavar="N", help="gain dims to ablate (default: 8)")
     p.add_argument("--out", default="runs", metavar="DIR", help="folder for the run file (default: runs)")
 
+    p = sub.add_parser("report", help="write one self-contained HTML report from run files")
+    p.add_argument("runs", nargs="+", metavar="RUN_FILE", help="run files (.h5) written by mechme")
+    p.add_argument("--out", default="report.html", metavar="PATH", help="HTML file to write (default: report.html)")
+
     p = sub.add_parser("cache", help="show or clear the safetensors cache of the bundled models")
     p.add_argument("action", choices=["list", "clear", "path"], help="list entries, clear them, or print the folder")
     p.add_argument("--name", help="one bundled model (default: all)")
@@ -137,6 +141,8 @@ def cmd_run(args) -> int:
         print(json.dumps({"store": str(result.store) if result.store else None, "conditions": summary}))
     else:
         print(format_study(study.name, summary, result.store))
+        if result.figure:
+            print(f"figure:   {result.figure}")
     return 0
 
 
@@ -149,6 +155,13 @@ def cmd_attribute(args) -> int:
     result = attribute(model, prompts=args.prompts, n_neurons=args.neurons, n_gain_dims=args.gain_dims,
                        out=args.out, progress=True)
     print(json.dumps(result) if args.json else format_attribution(result))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mechme.plots.report import write_report
+
+    print(write_report(args.runs, args.out))
     return 0
 
 
@@ -170,7 +183,8 @@ def cmd_cache(args) -> int:
     return 0
 
 
-COMMANDS = {"scan": cmd_scan, "run": cmd_run, "attribute": cmd_attribute, "cache": cmd_cache}
+COMMANDS = {"scan": cmd_scan, "run": cmd_run, "attribute": cmd_attribute, "report": cmd_report,
+            "cache": cmd_cache}
 
 
 if __name__ == "__main__":

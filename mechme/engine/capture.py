@@ -349,7 +349,7 @@ def capture(
             check_capture(final)
             _say(progress, f"capture: reusing the finished capture {final}")
             return final
-        final.unlink()
+        # Without resume the old file stays until the new one replaces it in one rename.
 
     done = _open_partial(partial, full_hash, resume)
     already = partial.stat().st_size if done else 0

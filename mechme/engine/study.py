@@ -44,6 +44,10 @@ class StudyResult:
     store: Path | None
     reused: bool = False
 
+    @property
+    def figure(self) -> Path | None:
+        return self.store.with_suffix(".png") if self.store else None
+
     def summary(self) -> dict[str, dict]:
         ds = self.dataset
         out = {}
@@ -140,6 +144,11 @@ def run_study(
         runfile.write_run(ds, store, kind="study", spec=identity, model_info=model.describe())
         ds = runfile.open_run(store)
         shutil.rmtree(partial_dir, ignore_errors=True)
+        result = StudyResult(ds, store)
+        from mechme.plots.study import plot_study
+
+        plot_study(result.summary(), f"{study.name} ({model.ref})", result.figure)
+        return result
     return StudyResult(ds, store)
 
 
