@@ -65,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gain-dims", type=int, default=8, metavar="N", help="gain dims to ablate (default: 8)")
     p.add_argument("--out", default="runs", metavar="DIR", help="folder for the run file (default: runs)")
 
+    p = sub.add_parser("finetune", help="fine-tune a model, with or without WeMask in the forward pass")
+    _add_model(p)
+    p.add_argument("--wemask", metavar="SPEC", help="WeMask spec ('default' or key=value,...); omit for no mask")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps (default: 100)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="max tokens per example (default: 256)")
+    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default: 2e-5)")
+    p.add_argument("--examples", type=int, default=2000, help="generated training problems (default: 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, order and torch (default: 0)")
+    p.add_argument("--out", default="runs", metavar="DIR", help="folder for the saved model (default: runs)")
+
+    p = sub.add_parser("findings", help="run analyses and write the findings page")
+    p.add_argument("analyses", nargs="+", metavar="FILE", help="analysis files (analyses/*.py)")
+    p.add_argument("--out", default="docs/findings.md", metavar="PATH", help="page to write (default: docs/findings.md)")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="folder for run files and figures (default: runs)")
+
     p = sub.add_parser("report", help="write one self-contained HTML report from run files")
     p.add_argument("runs", nargs="+", metavar="RUN_FILE", help="run files (.h5) written by mechme")
     p.add_argument("--out", default="report.html", metavar="PATH", help="HTML file to write (default: report.html)")
@@ -126,6 +142,20 @@ def cmd_run(args) -> int:
     from mechme.models.loading import NDIF_PREFIX
     from mechme.reports import format_study
 
+    from mechme.findings import load_analysis
+
+    analysis = load_analysis(args.study)
+    if analysis is not None:
+        from mechme.store.runfile import check_writable
+
+        finding = analysis(check_writable(args.out), remote=args.remote)
+        if args.json:
+            print(json.dumps({"title": finding.title, "verdict": finding.verdict, "measured": finding.measured,
+                              "stores": [str(p) for p in finding.stores],
+                              "figures": [str(p) for p in finding.figures]}))
+        else:
+            print(f"{finding.title}: {finding.verdict}\n\n{finding.table}\n\n{finding.measured}\n\n{finding.reason}")
+        return 0
     study = load_study_file(args.study)
     remote = None
     if args.remote == "local":
@@ -158,6 +188,43 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from mechme.mitigation.finetune import FinetuneSpec, finetune
+    from mechme.models import load_model
+
+    spec = FinetuneSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                        n_examples=args.examples, seed=args.seed, wemask=args.wemask)
+    summary = finetune(load_model(args.model), spec, out=args.out, progress=True)
+    summary.pop("excluded_gsm8k_test_indices")
+    losses = summary.pop("losses")
+    if args.json:
+        print(json.dumps({**summary, "losses": losses}))
+    else:
+        print(f"trained {summary['steps']} steps on {summary['tokens']} tokens in {summary['seconds']:.0f} s; "
+              f"loss {summary['loss_first10']:.3f} -> {summary['loss_last10']:.3f} "
+              f"(mean of the first and last 10 steps); WeMask: {summary['wemask'] or 'none'}")
+        print(f"saved: {summary['saved']}  (evaluate with: mechme eval --model {summary['saved']} --task T)")
+    return 0
+
+
+def cmd_findings(args) -> int:
+    from pathlib import Path
+
+    from mechme.findings import load_analysis, write_findings
+    from mechme.store.runfile import check_writable
+
+    runs = check_writable(args.runs)
+    results = []
+    for path in args.analyses:
+        analysis = load_analysis(path)
+        if analysis is None:
+            raise MechmeError(f"{path} defines no analysis(out, remote=None) function")
+        print(f"running {path}", file=sys.stderr)
+        results.append((Path(path), analysis(runs)))
+    print(write_findings(results, args.out))
+    return 0
+
+
 def cmd_report(args) -> int:
     from mechme.plots.report import write_report
 
@@ -183,7 +250,8 @@ def cmd_cache(args) -> int:
     return 0
 
 
-COMMANDS = {"scan": cmd_scan, "run": cmd_run, "attribute": cmd_attribute, "report": cmd_report,
+COMMANDS = {"scan": cmd_scan, "run": cmd_run, "attribute": cmd_attribute, "report": cmd_report, "finetune": cmd_finetune,
+            "findings": cmd_findings,
             "cache": cmd_cache}
 
 

@@ -133,7 +133,7 @@ def finetune(model: LoadedModel, spec: FinetuneSpec, *, out: str | Path = "runs"
             torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):
                 raise MechmeError(f"fine-tuning diverged at step {step} (loss {losses[-1]}); lower --lr")
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
