@@ -31,7 +31,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mechme", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mechme", description="Find, explain and mitigate massive activations in language models."
+    )
     parser.add_argument("--version", action="store_true", help="print the mechme version and exit")
     sub = parser.add_subparsers(dest="command")
 
@@ -85,10 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_FILE", help="run files (.h5) written by mechme")
     p.add_argument("--out", default="report.html", metavar="PATH", help="HTML file to write (default: report.html)")
 
+    _add_module_parsers(sub)
+
     p = sub.add_parser("cache", help="show or clear the safetensors cache of the bundled models")
     p.add_argument("action", choices=["list", "clear", "path"], help="list entries, clear them, or print the folder")
     p.add_argument("--name", help="one bundled model (default: all)")
     return parser
+
+
+# Commands that live in their own modules: module name -> function that adds parsers.
+EXTRA_COMMANDS = {"mechme.cli_measures": "add_parsers", "mechme.cli_capture": "add_parser",
+                  "mechme.cli_eval": "add_parser"}
+
+
+def _add_module_parsers(sub) -> None:
+    import importlib
+
+    for module_name, adder in EXTRA_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        getattr(module, adder)(sub)
+        COMMANDS.update(module.COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
