@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/findings.md", metavar="PATH", help="page to write (default: docs/findings.md)")
     p.add_argument("--runs", default="runs", metavar="DIR", help="folder for run files and figures (default: runs)")
 
+    p = sub.add_parser("sweep", help="choose WeMask settings on a task's validation split")
+    _add_model(p)
+    p.add_argument("--task", default="arc_easy", help="task to tune on (default: arc_easy)")
+    p.add_argument("--limit", type=int, default=200, help="validation items (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the item draw (default: 0)")
+    p.add_argument("--dims", default="gain,activation,massive", help="comma-separated dim rules")
+    p.add_argument("--k", default="2", help="comma-separated numbers of dims (default: 2)")
+    p.add_argument("--layers", default="after_me,next_only", help="comma-separated layer rules")
+    p.add_argument("--gamma", default="1.0,0.5", help="comma-separated gamma values")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget for generation tasks")
+    p.add_argument("--record-in-repository", action="store_true",
+                   help="also write the choice to data/wemask/MODEL.json, which ships with mechme")
+    p.add_argument("--out", default="runs", metavar="DIR", help="folder for the run file (default: runs)")
+
     p = sub.add_parser("report", help="write one self-contained HTML report from run files")
     p.add_argument("runs", nargs="+", metavar="RUN_FILE", help="run files (.h5) written by mechme")
     p.add_argument("--out", default="report.html", metavar="PATH", help="HTML file to write (default: report.html)")
@@ -248,6 +262,34 @@ def cmd_findings(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from mechme.mitigation.sweep import sweep
+    from mechme.models import load_model
+
+    grid = {
+        "dims": tuple(args.dims.split(",")),
+        "k": tuple(int(k) for k in args.k.split(",")),
+        "layers": tuple(args.layers.split(",")),
+        "gamma": tuple(float(g) for g in args.gamma.split(",")),
+    }
+    result = sweep(load_model(args.model), task=args.task, limit=args.limit, seed=args.seed, grid=grid,
+                   out=args.out, record_in_repository=args.record_in_repository, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    from mechme.reports import format_table
+
+    rows = [{"setting": p["describe"], "score": p["score"], "low": p["ci95"][0], "high": p["ci95"][1]}
+            for p in result["points"]]
+    print(f"model {result['model']}, {result['task']} validation (n={result['n']}, {result['metric']}): "
+          f"baseline {result['baseline_score']:.4f}")
+    print(format_table(rows, [("setting", "setting", ""), ("score", "score", ".4f"), ("low", "95% low", ".4f"),
+                              ("high", "95% high", ".4f")]))
+    print(f"chosen: {result['chosen']} ({'above' if result['helps_on_validation'] else 'not above'} the baseline)")
+    print(f"recorded as the default for --wemask default: {result['recorded']}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from mechme.plots.report import write_report
 
@@ -274,7 +316,7 @@ def cmd_cache(args) -> int:
 
 
 COMMANDS = {"scan": cmd_scan, "run": cmd_run, "attribute": cmd_attribute, "report": cmd_report, "finetune": cmd_finetune,
-            "findings": cmd_findings,
+            "findings": cmd_findings, "sweep": cmd_sweep,
             "cache": cmd_cache}
 
 

@@ -171,6 +171,19 @@ class WeMask:
             raise SpecError(f"WeMask dims {bad} are out of range 0..{self.model.d_model - 1}")
         return torch.tensor(sorted(dims), dtype=torch.long)
 
+    def as_condition(self, name: str = "wemask"):
+        """Return the prefill edit of this mask as a study `Condition` (site ``attn_in``).
+
+        Studies and measures run prompt forward passes, where both token rules mask the
+        first token of an unpadded row, so the condition reproduces the hooks there.
+        """
+        from mechme.specs import Condition, Dims, Intervention, Scale, Tokens, Zero
+
+        dims = Dims.top_activation(k=self.k) if self.static_dims is None else Dims.of(*self.static_dims.tolist())
+        op = Zero() if self.spec.gamma == 1.0 else Scale(factor=1.0 - self.spec.gamma)
+        return Condition(name=name, interventions=(
+            Intervention(site="attn_in", layers=tuple(self.layers), op=op, tokens=Tokens.first(), dims=dims),))
+
     # -- hooks -------------------------------------------------------------------
 
     def attach(self) -> WeMask:
