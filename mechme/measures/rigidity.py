@@ -12,7 +12,7 @@ with torch operations, so only a few numbers per prompt and layer leave the devi
   and layer it reports the mean pairwise cosine between the prompt's real tokens and
   the effective rank of the ``[tokens, dim]`` matrix, each with and without position 0.
   The effective rank is ``exp`` of the Shannon entropy of the singular values divided
-  by their sum (Roy and Vetterli, 2007); rows are not mean-centred.
+  by their sum. Rows are not mean-centred.
 
 Both run a baseline and then each condition, applying the condition's edits as
 `mechme.engine.study.trace_condition` does. The condition and text plumbing that
@@ -83,7 +83,7 @@ def check_conditions(conditions) -> tuple[Condition, ...]:
     return conditions
 
 
-def find_me_layer(model: LoadedModel, text: dict, options: dict) -> dict:
+def find_me_layer(model: LoadedModel, options: dict) -> dict:
     """Scan the same text for massive activations and return the scan's verdict."""
     spec = ScanSpec(
         model=model.ref, prompts=options["prompts"], text=options["text"], seq_len=options["seq_len"],
@@ -415,7 +415,7 @@ def measure_rigidity(
                "batch_size": batch_size}
     text_rows = prepare_text(model, **options)
     if verdict is None:
-        verdict = find_me_layer(model, text_rows, options)
+        verdict = find_me_layer(model, options)
     identity = {
         "measure": "rigidity", "model": model.ref, **options,
         "conditions": [to_dict(c) for c in conditions],

@@ -5,8 +5,9 @@ key position ``k`` of one prompt, layer and head by the mean attention it receiv
 the queries that can see it: ``importance(k) = sum_{q >= k} A[q, k] / (T - k)``. A
 (layer, head) pair is a sink when the importance of the first token exceeds
 ``epsilon`` (0.3 in their code), and the **sink rate** is 100 times the share of
-(layer, head) pairs that are sinks, averaged over prompts. Their prompts are cut to
-64 tokens.
+(layer, head) pairs that are sinks, averaged over prompts. Their prompts have at least
+64 tokens and are cut to 64 (``compute_attention_sink`` in ``eval_sink_open_source.py``
+of github.com/sail-sg/Attention-Sink).
 
 The attention probabilities need eager attention; `eager_attention` switches the model
 for the duration of the measure and restores its implementation afterwards. Each
@@ -240,7 +241,7 @@ def measure_sinks(
                "batch_size": batch_size}
     text_rows = prepare_text(model, **options)
     if verdict is None:
-        verdict = find_me_layer(model, text_rows, options)
+        verdict = find_me_layer(model, options)
     identity = {
         "measure": "sinks", "model": model.ref, **options, "epsilon": epsilon,
         "conditions": [to_dict(c) for c in conditions],
