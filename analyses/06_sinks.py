@@ -42,7 +42,16 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
         f"{smol['conditions']['remove-massive']['sink_rate']:.1f}% without the massive activation and "
         f"{smol['conditions']['wemask']['sink_rate']:.1f}% with WeMask. The table gives both models."
     )
-    reason = "Each cell of the table compares a condition's sink rate with its model's baseline."
+    g = summaries["gemma3-270m"]
+    reason = (
+        f"Both interventions lower the sink rate on both models, and WeMask weakens sinks without removing them "
+        f"({smol['conditions']['wemask']['sink_rate']:.1f}% against {smol['sink_rate']:.1f}% on SmolLM2, "
+        f"{g['conditions']['wemask']['sink_rate']:.1f}% against {g['sink_rate']:.1f}% on Gemma 3). Removing the "
+        f"massive activation cuts SmolLM2's sinks after its ME Layer to "
+        f"{smol['conditions']['remove-massive']['sink_rate_after_me_layer']:.1f}%, but barely moves Gemma 3's "
+        f"({g['conditions']['remove-massive']['sink_rate']:.1f}%), whose later layers rebuild the activation. "
+        "SmolLM2 also has sinks before its ME Layer (layers 3-9), so not every sink comes from it."
+    )
     return Finding(title="WeMask and removing the massive activation weaken sinks", verdict=verdict, table=table,
                    claim="Attention sinks follow from the massive activation; WeMask weakens them without "
                          "removing them.",
