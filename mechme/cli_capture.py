@@ -54,8 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="model dtype (default: float32); values are stored as float32 either way")
     p.add_argument("--compression", default="gzip", choices=["gzip", "none"],
-                   help="gzip (level 1) or none; none writes many times faster and the file is about 13%% larger "
-                   "(default: gzip)")
+                   help="gzip (level 1) or none; on SmolLM2-135M, none wrote 12 times faster and its file was "
+                   "17%% larger (default: gzip)")
     p.add_argument("--out", default="runs", metavar="DIR", help="folder for the capture file (default: runs)")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh even if a finished or interrupted capture with the same spec exists")

@@ -206,6 +206,16 @@ def test_positions_and_delimiters_selectors(tiny_llama, tmp_path):
     ds.close()
 
 
+def test_remote_simulation_same_values(planted_llama, tmp_path):
+    import dataclasses
+
+    local = capture(planted_llama, layers="1-2", out=tmp_path / "local", progress=False)
+    simulated = dataclasses.replace(planted_llama, remote="local", _lm=planted_llama._lm)
+    remote = capture(simulated, layers="1-2", out=tmp_path / "remote", progress=False)
+    with open_capture(local) as a, open_capture(remote) as b:
+        np.testing.assert_array_equal(a.resid_post.values, b.resid_post.values)
+
+
 def test_bfloat16_model_stored_as_float32(tmp_path):
     model = tiny_model("llama", plant=Plant(layer=1, dim=3))
     model.model.to(torch.bfloat16)

@@ -2,11 +2,13 @@
 
 `capture` runs the text through the model batch by batch, one nnsight trace per batch.
 Each trace reads the requested (layer, site) pairs in forward order, keeps only the
-selected tokens on the device, and the client writes them into one chunked, compressed
-HDF5 dataset per site. Only the current batch is held in memory.
+selected tokens on the device, and the client writes them into one chunked HDF5 dataset
+per site, gzip-compressed unless ``compression="none"``. Only the current batch is held
+in memory.
 
-File layout (netCDF-4 compatible, so ``xarray.open_dataset(path, engine="h5netcdf")``
-and ``h5py.File(path)`` both read it):
+File layout (HDF5 dimension scales as netCDF-4 uses them, so both
+``xarray.open_dataset(path, engine="h5netcdf")`` and ``h5py.File(path)`` read it; the
+netCDF-C library itself has not been tried):
 
 - ``Tokens.first()``: each site is an array ``[prompt, layer, dim]`` (``neuron`` for
   ``mlp_hidden``), with coordinates ``position``, ``token_id`` and ``token_string``
@@ -85,9 +87,9 @@ class CaptureSpec:
         batch_size: rows per forward pass.
         dtype: model dtype, ``"float32"`` or ``"bfloat16"``; values are stored as float32.
         compression: ``"gzip"`` (level 1 with byte shuffling) or ``"none"``. On
-            SmolLM2-135M residuals gzip saves about 13% of the file and writes about 15
-            times slower (benchmarks/bench_capture.py), so ``"none"`` suits captures
-            of all tokens.
+            SmolLM2-135M residuals gzip made the file 15% smaller than ``"none"`` but
+            wrote 12 times slower (benchmarks/bench_capture.py, 2-core CPU), so
+            ``"none"`` suits large captures of all tokens.
     """
 
     model: str = DEFAULT_MODEL
@@ -449,8 +451,8 @@ def _create_file(path: Path, plan: CapturePlan, model: LoadedModel) -> None:
 
 
 def _filters(compression: str) -> dict:
-    # Every chunk gets a Fletcher-32 checksum. Gzip, shuffle and Fletcher-32 are
-    # standard HDF5 filters that netCDF-C reads too.
+    # Every chunk gets a Fletcher-32 checksum. Gzip, shuffle and Fletcher-32 are filters
+    # built into HDF5, so any HDF5 reader can decode them (lzf, faster, is h5py's own).
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 1, "shuffle": True, "fletcher32": True}
     return {"fletcher32": True}
@@ -521,6 +523,7 @@ def trace_batch(model: LoadedModel, batch: Batch, picks: list[tuple[int, int]],
     """
     import nnsight
 
+    # NOTE: tested locally and under nnsight's remote="local" simulation, not on NDIF.
     device = model.device
     rows = torch.tensor([r for r, _ in picks], dtype=torch.long, device=device)
     cols = torch.tensor([c for _, c in picks], dtype=torch.long, device=device)

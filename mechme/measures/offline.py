@@ -11,7 +11,7 @@ file written by `mechme.engine.capture.capture` and returns, per layer:
 
 A rigid massive-token state shows as ``cos_prev`` near 1 over many layers, a
 ``pairwise_cos`` near 1 (every prompt has the same state) and a large norm. The file
-is read one layer at a time, so memory holds one ``[prompt, dim]`` slice per layer.
+is read one layer at a time, so memory keeps one ``[prompt, dim]`` slice per layer.
 """
 
 from __future__ import annotations
