@@ -557,3 +557,28 @@ def test_smollm2_offline_rigidity_matches_live(smollm2, smollm2_capture):
     np.testing.assert_allclose(sel.cos_prev.values[1:4], cos_prev[1:4], rtol=1e-4)
     # From the ME Layer on, every prompt's first-token state points the same way.
     assert (result.pairwise_cos.sel(layer=slice(11, 27)) > 0.99).all()
+
+
+def test_study_replace_reads_state_from_capture(tmp_path):
+    """A study's Replace op patches a captured clean state, checked against the capture's model."""
+    from mechme.engine.capture import capture
+    from mechme.engine.study import run_study
+    from mechme.errors import MechmeError
+    from mechme.models.tiny import Plant, tiny_model
+    from mechme.specs import Condition, Intervention, Noise, Replace, Study
+
+    model = tiny_model("llama", plant=Plant(layer=2, dim=17))
+    path = capture(model, sites=["resid_post"], layers=[1], tokens="first", out=tmp_path, progress=False)
+    noisy = Intervention(site="resid_post", layers=1, op=Noise(std=5.0))
+    patched = Intervention(site="resid_post", layers=1, op=Replace(prompt=0, capture=str(path)))
+    study = Study(name="patch", model="tiny", conditions=[
+        Condition(name="noisy", interventions=[noisy]),
+        Condition(name="noisy_then_patched", interventions=[noisy, patched]),
+    ])
+    summary = run_study(study, model=model, out=None, progress=False).summary()
+    assert summary["noisy"]["kl"] > 0
+    assert summary["noisy_then_patched"]["kl"] < summary["noisy"]["kl"]
+
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(MechmeError):
+        run_study(study, model=other, out=None, progress=False)

@@ -276,7 +276,14 @@ def _prepare_replacements(study: Study, ctx: Context) -> None:
                 positions = (0,) if iv.tokens.kind == "first" else iv.tokens.positions
                 for layer in iv.layers:
                     for p in positions:
-                        wanted.setdefault(iv.op.prompt, set()).add((layer, iv.site, p))
+                        if iv.op.capture is not None:
+                            from mechme.engine.capture import load_patch
+
+                            state = load_patch(iv.op.capture, model, site=iv.site, layer=layer, prompt=iv.op.prompt,
+                                               position=p)
+                            ctx.replacements[(iv.op.prompt, layer, iv.site, p)] = state
+                        else:
+                            wanted.setdefault(iv.op.prompt, set()).add((layer, iv.site, p))
     for prompt, keys in wanted.items():
         ids = model.tokenizer(prompt, return_tensors="pt").input_ids
         length = ids.shape[1]

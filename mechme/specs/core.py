@@ -154,9 +154,15 @@ class Noise:
 @dataclass(frozen=True, kw_only=True)
 class Replace:
     """Replace the selected entries with the state of ``prompt`` at the same site, layer
-    and position (its first real token for ``Tokens.first()``), from a clean run."""
+    and position (its first real token for ``Tokens.first()``), from a clean run.
 
-    prompt: str
+    With ``capture`` (the path of a `mechme capture` file) the state is read from that
+    file instead; the file's model must match the study's (weights sha256 checked), and
+    ``prompt`` may then be the prompt's index in the capture.
+    """
+
+    prompt: str | int
+    capture: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
