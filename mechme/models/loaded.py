@@ -24,7 +24,7 @@ class LoadedModel:
         weights_sha256: sha256 of the weights (file bytes where known, else tensor bytes).
         remote: ``None`` for a local model, else the nnsight remote backend to use
             (``"local"`` for the in-process simulation, ``"ndif"`` for the NDIF service).
-        repo_id: the Hugging Face id NDIF knows the model by (``ndif:`` models only).
+        repo_id: the Hugging Face id under which NDIF hosts the model (``ndif:`` models only).
     """
 
     ref: str
