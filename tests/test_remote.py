@@ -61,3 +61,14 @@ def test_scan_surfaces_remote_error_and_writes_nothing(tmp_path):
         with pytest.raises(RemoteError):
             scan(model=ndif_tiny(mock.host), out=tmp_path, progress=False)
     assert not list(tmp_path.glob("*.h5"))
+
+
+def test_ndif_study_runs_through_local_simulation(tmp_path):
+    from mechme.findings import load_analysis
+
+    from pathlib import Path
+
+    analysis = load_analysis(Path(__file__).resolve().parents[1] / "analyses" / "ndif_llama8b_emergence.py")
+    finding = analysis(tmp_path, remote="local")
+    assert "ME Layer 11" in finding.measured
+    assert finding.stores and finding.stores[0].exists()

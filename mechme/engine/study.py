@@ -153,6 +153,8 @@ def run_study(
 
 
 def _run_batch(study, ctx, compiled, batch, strings, bar) -> dict[str, np.ndarray]:
+    # TODO: stack activation-only conditions into one trace (rows repeated per condition)
+    # so conditions that share inputs cost one forward pass instead of one each.
     names = ["baseline", *(c.name for c in study.conditions)]
     conditions = {c.name: c for c in study.conditions}
     base_logprobs = None
