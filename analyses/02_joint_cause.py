@@ -50,17 +50,32 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
         f"{gemma['neuron_share_top']:.1%}; FFN ablation {'removes' if g_ffn else 'does not remove'} it, the "
         f"pre-FFN gain ablation {'removes' if g_gain else 'does not remove'} it."
     )
-    both_needed = (s_both and not s_ffn and not s_gain) or (g_both and not g_ffn and not g_gain)
-    verdict = "holds" if both_needed else "partly holds"
+    # Joint cause on a model: removing both stops the emergence, and neither part alone does.
+    joint = {"SmolLM2": s_both and not s_ffn and not s_gain, "Gemma 3": g_both and not g_ffn and not g_gain}
+    holds_on = [name for name, ok in joint.items() if ok]
+    verdict = "holds" if len(holds_on) == 2 else ("partly holds" if holds_on else "does not hold")
+    notes = []
+    for name, (ffn, gain, both) in (("SmolLM2", (s_ffn, s_gain, s_both)), ("Gemma 3", (g_ffn, g_gain, g_both))):
+        if joint[name]:
+            notes.append(f"on {name} neither the FFN neurons nor the norm gain alone stops the emergence, "
+                         "and removing both does, as the paper says")
+        elif ffn:
+            notes.append(f"on {name} zeroing the top FFN neurons alone stops it, so the FFN is sufficient there")
+        elif gain:
+            notes.append(f"on {name} the gain ablation alone stops it")
+        else:
+            notes.append(f"on {name} none of these ablations stops it")
     reason = (
-        "The FFN of the ME Layer writes the value, through very few neurons, and the RMSNorm's scaling "
-        "is what collapses the massive token's 1/rms afterwards. But on these models removing the FFN "
-        "neurons alone is enough to stop the emergence, and ablating the pre-FFN gain alone is not, so "
-        "the data show the FFN as sufficient rather than a joint necessity of norm and FFN. Gemma's "
-        "spike comes from the post-FFN norm gain, a norm this pre-FFN ablation does not touch."
+        _sentence("; ".join(notes)) + ". The RMSNorm's part shows in the scale: once the value exists, the "
+        "massive token's 1/rms collapses. Gemma's spike also depends on its post-FFN norm gain, which this "
+        "pre-FFN ablation does not touch."
     )
     return Finding(title="RMSNorm and FFN jointly create the activation", verdict=verdict, table=table,
                    claim="Inside the ME Layer, the RMSNorm and the FFN parameters together create the massive "
                          "activation; neither alone accounts for it.",
                    measured=measured, reason=reason, stores=stores,
                    figures=[s.with_suffix(".png") for s in stores])
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
