@@ -10,8 +10,8 @@ all of them:
 - naive: the same forward pass, with a CPU copy of every hidden state kept until
   all batches are done, then per-layer top-1 |a| and median |a| computed from them.
 
-Peak memory (peak RSS, ``VmHWM``) of a full scan and of the naive method is measured at N and
-10 x N tokens, each in a fresh child process of this script (``--child``).
+Peak memory (peak RSS, ``VmHWM``) of a full scan and of the naive method is measured
+at N and 10 x N tokens, each in a fresh child process of this script (``--child``).
 
 Run from the repository root:
 
@@ -36,36 +36,56 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT / "data" / "text" / "moby-dick.txt"
 
-# Default sizes keep the whole run under about 10 minutes on a 2-core CPU, where one
+# Estimate: the default sizes take about 11 minutes on an idle 2-core CPU, where one
 # batch of 8 x 256 tokens takes about 5 s. --quick shrinks every size.
-DEFAULTS = {"timing_tokens": 4096, "repeats": 5, "memory_tokens": 4096}
-QUICK = {"timing_tokens": 2048, "repeats": 2, "memory_tokens": 1024}
+DEFAULTS = {"timing_tokens": 4096, "repeats": 5, "memory_tokens": 4096, "memory_repeats": 2}
+QUICK = {"timing_tokens": 2048, "repeats": 2, "memory_tokens": 1024, "memory_repeats": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    # What is scanned, as in a default scan of the bundled text.
     parser.add_argument("--model", default="smollm2-135m", help="model reference passed to load_model")
     parser.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text file cut into token rows")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+
+    # Sizes of the two parts. --quick changes the defaults of the ones left unset.
     parser.add_argument("--timing-tokens", type=int, help="tokens per timed pass (default 4096, or 2048 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed passes per method (default 5, or 2 with --quick)")
     parser.add_argument(
         "--memory-tokens", type=int,
         help="token count N of the smaller memory run (default 4096, or 1024 with --quick)",
     )
-    parser.add_argument("--memory-scale", type=int, default=10, help="the larger memory run uses N times this many tokens (default 10)")
+    parser.add_argument(
+        "--memory-scale", type=int, default=10,
+        help="the larger memory run uses N times this many tokens (default 10)",
+    )
+    parser.add_argument(
+        "--memory-repeats", type=int,
+        help="fresh processes per size for the scan's memory runs (default 2, or 1 with --quick)",
+    )
+
     parser.add_argument("--skip-memory", action="store_true", help="run only the timing part")
+    parser.add_argument("--skip-timing", action="store_true", help="run only the memory part")
     parser.add_argument("--quick", action="store_true", help="short run with small sizes, for a smoke check")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+
+    # Internal: one memory run in a fresh process.
     parser.add_argument("--child", choices=["scan", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
     sizes = QUICK if args.quick else DEFAULTS
     for key, value in sizes.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key in ("seq_len", "batch_size", "threads", "timing_tokens", "repeats", "memory_tokens", "memory_scale",
+                "memory_repeats"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     return args
 
 
@@ -150,28 +170,38 @@ def run_naive(loaded, batches) -> list[dict]:
 def naive_stats(saved_states: list[list], n_pad: list[int]) -> list[dict]:
     """Return per-prompt top-1 |a| and median |a|, and the pooled median, per hidden state.
 
-    Hidden state 0 is the embedding output, like the scan's ``input`` statistics. In
-    transformers 5.25 the last one comes after the model's final norm, so its values
-    differ from the scan's last ``resid_post``, but the work is the same.
+    ``saved_states[batch][state]`` is a ``[rows, seq, dim]`` tensor. Hidden state 0 is
+    the embedding output, like the scan's ``input`` statistics. In transformers 5.25 the
+    last one comes after the model's final norm, so its values differ from the scan's
+    last ``resid_post``, but the work is the same.
     """
     import torch
 
     stats = []
     for index in range(len(saved_states[0])):
-        # Rows of different batches can differ in width only with padding, which text
-        # rows of a full seq_len do not have.
-        h = torch.cat([states[index] for states in saved_states]).abs()
-        if any(n_pad):
-            rows = [h[b, p:].reshape(-1) for b, p in enumerate(n_pad)]
-            top1 = torch.stack([r.max() for r in rows])
-            median = torch.stack([r.median() for r in rows])
-            pooled = torch.cat(rows).median()
-        else:
-            flat = h.reshape(h.shape[0], -1)
-            top1 = flat.amax(dim=1)
-            median = flat.median(dim=1).values
-            pooled = flat.median()
-        stats.append({"top1": top1.numpy(), "median": median.numpy(), "pooled_median": float(pooled)})
+        top1, median, real_entries = [], [], []
+        row = 0
+        for states in saved_states:
+            h = states[index].abs()
+            pads = n_pad[row:row + h.shape[0]]
+            row += h.shape[0]
+            if any(pads):
+                # Left padding: each row's real entries start after its own pad count.
+                for b, p in enumerate(pads):
+                    entries = h[b, p:].reshape(-1)
+                    top1.append(entries.max().reshape(1))
+                    median.append(entries.median().reshape(1))
+                    real_entries.append(entries)
+            else:
+                flat = h.reshape(h.shape[0], -1)
+                top1.append(flat.amax(dim=1))
+                median.append(flat.median(dim=1).values)
+                real_entries.append(flat.reshape(-1))
+        stats.append({
+            "top1": torch.cat(top1).numpy(),
+            "median": torch.cat(median).numpy(),
+            "pooled_median": float(torch.cat(real_entries).median()),
+        })
     return stats
 
 
@@ -189,12 +219,12 @@ def time_methods(args: argparse.Namespace) -> dict:
         "naive keep-all": lambda out: run_naive(loaded, batches),
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
-    # CPU seconds of this process (all threads) next to wall seconds: other load on
-    # the machine stretches wall time more than it stretches CPU time.
+    # CPU seconds of this process (all threads) next to wall seconds, because time
+    # spent waiting for a core while other programs run counts in wall time only.
     cpu_times: dict[str, list[float]] = {name: [] for name in methods}
     with tempfile.TemporaryDirectory(prefix="mechme-bench-") as tmp:
-        # One untimed pass each: the first nnsight trace and the first forward pay
-        # one-off costs (graph set-up, allocator growth) that a long scan amortises.
+        # One untimed pass each, because the first nnsight trace and the first forward
+        # take longer than later ones, and a long scan spreads that over many batches.
         for name, method in methods.items():
             log(f"  warm-up: {name}")
             method(Path(tmp) / "warmup")
@@ -224,6 +254,11 @@ def time_methods(args: argparse.Namespace) -> dict:
             "ratio_to_baseline": median / base,
             "cpu_median_s": cpu_median,
             "cpu_ratio_to_baseline": cpu_median / cpu_base,
+            # Each pass divided by the baseline pass of the same repeat, which ran just
+            # before it under much the same load, so slow drifts in load cancel out.
+            "paired_ratio_median": statistics.median(
+                value / baseline for value, baseline in zip(values, times["baseline"])
+            ),
             "times_s": values,
             "cpu_times_s": cpu_times[name],
         })
@@ -271,9 +306,16 @@ def child_main(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
-def naive_bytes_estimate(loaded_config: dict, tokens: int) -> int:
+def read_model_shape(args: argparse.Namespace) -> dict:
+    from mechme.models import load_model
+
+    loaded = load_model(args.model, dtype="float32")
+    return {"n_layers": loaded.n_layers, "d_model": loaded.d_model}
+
+
+def naive_bytes_estimate(model_shape: dict, tokens: int) -> int:
     """Estimate the bytes the naive method keeps: every hidden state, in float32."""
-    return (loaded_config["n_layers"] + 1) * tokens * loaded_config["d_model"] * 4
+    return (model_shape["n_layers"] + 1) * tokens * model_shape["d_model"] * 4
 
 
 def available_mib() -> float:
@@ -297,38 +339,63 @@ def run_child(args: argparse.Namespace, method: str, tokens: int) -> dict:
 
 
 def measure_memory(args: argparse.Namespace, model_shape: dict) -> dict:
+    """Measure peak RSS of the scan and the naive method at N and ``memory_scale`` x N tokens."""
     small = args.memory_tokens
     large = small * args.memory_scale
     results = {"small_tokens": small, "large_tokens": large, "runs": [], "skipped": []}
-    for method in ("scan", "naive"):
+
+    # The scan's peak differs by a few percent from one process to the next (it is set
+    # by the transients of the first batches), which is close to the 10% target, so
+    # the scan runs are repeated. The naive method grows far more than that, so one
+    # run per size is enough.
+    for _ in range(args.memory_repeats):
         for tokens in (small, large):
-            if method == "naive":
-                estimate_mib = naive_bytes_estimate(model_shape, tokens) / 2**20
-                # Half of the available memory leaves room for the model, the
-                # concatenation in naive_stats and whatever else runs on the machine.
-                if estimate_mib > 0.5 * available_mib():
-                    results["skipped"].append({
-                        "method": method, "tokens": tokens, "estimated_hidden_states_mib": estimate_mib,
-                        "reason": f"estimated {estimate_mib:.0f} MiB of hidden states exceed half of the "
-                                  f"{available_mib():.0f} MiB available",
-                    })
-                    log(f"  skipped: {results['skipped'][-1]['reason']}")
-                    continue
-            run = run_child(args, method, tokens)
-            if method == "naive":
-                run["estimated_hidden_states_mib"] = naive_bytes_estimate(model_shape, tokens) / 2**20
-            results["runs"].append(run)
-            log(f"  peak RSS {run['peak_rss_mib']:.0f} MiB (model resident {run['rss_model_resident_mib']:.0f} MiB)")
+            results["runs"].append(measured_child(args, "scan", tokens))
+
+    for tokens in (small, large):
+        estimate_mib = naive_bytes_estimate(model_shape, tokens) / 2**20
+        # Half of the available memory leaves room for the model, the concatenation in
+        # naive_stats and whatever else runs on the machine.
+        if estimate_mib > 0.5 * available_mib():
+            reason = (
+                f"estimated {estimate_mib:.0f} MiB of hidden states exceed half of the "
+                f"{available_mib():.0f} MiB available"
+            )
+            results["skipped"].append(
+                {"method": "naive", "tokens": tokens, "estimated_hidden_states_mib": estimate_mib, "reason": reason}
+            )
+            log(f"  skipped: {reason}")
+            continue
+        run = measured_child(args, "naive", tokens)
+        run["estimated_hidden_states_mib"] = estimate_mib
+        results["runs"].append(run)
+
     for method in ("scan", "naive"):
-        by_size = {run["tokens"]: run for run in results["runs"] if run["method"] == method}
-        sizes = sorted(by_size)
-        if len(sizes) == 2:
-            low, high = by_size[sizes[0]], by_size[sizes[1]]
-            results[f"{method}_peak_ratio"] = high["peak_rss_mib"] / low["peak_rss_mib"]
-            growth_low = low["peak_rss_mib"] - low["rss_model_resident_mib"]
-            growth_high = high["peak_rss_mib"] - high["rss_model_resident_mib"]
-            results[f"{method}_growth_mib"] = [growth_low, growth_high]
+        peaks = {
+            size: [run["peak_rss_mib"] for run in results["runs"]
+                   if run["method"] == method and run["requested_tokens"] == size]
+            for size in (small, large)
+        }
+        if not (peaks[small] and peaks[large]):
+            continue
+        growth = {
+            size: [run["peak_rss_mib"] - run["rss_model_resident_mib"] for run in results["runs"]
+                   if run["method"] == method and run["requested_tokens"] == size]
+            for size in (small, large)
+        }
+        results[method] = {
+            "median_peak_mib": [statistics.median(peaks[small]), statistics.median(peaks[large])],
+            "median_growth_mib": [statistics.median(growth[small]), statistics.median(growth[large])],
+            "peak_ratio": statistics.median(peaks[large]) / statistics.median(peaks[small]),
+        }
     return results
+
+
+def measured_child(args: argparse.Namespace, method: str, tokens: int) -> dict:
+    run = run_child(args, method, tokens)
+    run["requested_tokens"] = tokens
+    log(f"  peak RSS {run['peak_rss_mib']:.0f} MiB (model resident {run['rss_model_resident_mib']:.0f} MiB)")
+    return run
 
 
 # -- report --------------------------------------------------------------------------
@@ -362,51 +429,68 @@ def machine_info() -> dict:
 
 
 def markdown(results: dict) -> str:
-    timing = results["timing"]
+    lines = []
+    timing = results.get("timing")
+    if timing:
+        lines += timing_markdown(results, timing)
+    memory = results.get("memory")
+    if memory:
+        lines += memory_markdown(memory)
+    return "\n".join(lines)
+
+
+def timing_markdown(results: dict, timing: dict) -> list[str]:
     lines = [
         f"Timing: {timing['tokens_per_pass']} tokens per pass ({timing['batches_per_pass']} batch(es) of "
         f"{results['args']['batch_size']} x {results['args']['seq_len']}), median of {timing['repeats']} "
         f"interleaved repeats, {results['args']['threads']} threads. Load average (1 min) "
         f"{results['load_average_start'][0]:.2f} at the start, {results['load_average_end'][0]:.2f} at the end.",
+        "'Ratio to baseline' divides the medians. 'Paired ratio' is the median over repeats of each pass "
+        "divided by the baseline pass of the same repeat. The CPU columns count CPU seconds of the process.",
         "",
-        "| method | median s | min s | max s | tokens/s | ratio to baseline | median CPU s | CPU ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | median s | min s | max s | tokens/s | ratio to baseline | paired ratio | median CPU s "
+        "| CPU ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in timing["rows"]:
         lines.append(
             f"| {row['method']} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
-            f"| {row['tokens_per_s']:.0f} | {row['ratio_to_baseline']:.3f} "
+            f"| {row['tokens_per_s']:.0f} | {row['ratio_to_baseline']:.3f} | {row['paired_ratio_median']:.3f} "
             f"| {row['cpu_median_s']:.2f} | {row['cpu_ratio_to_baseline']:.3f} |"
         )
-    memory = results.get("memory")
-    if memory:
-        lines += [
-            "",
-            "Peak RSS (VmHWM) of one fresh process per row. 'Model resident' is the RSS after "
-            "loading the model, reading all its weights once and tokenizing the text; 'growth' is "
-            "the peak minus that.",
-            "",
-            "| method | tokens | model resident MiB | peak MiB | growth MiB | seconds |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for run in memory["runs"]:
+    return lines
+
+
+def memory_markdown(memory: dict) -> list[str]:
+    lines = [
+        "",
+        "Peak RSS (VmHWM) of one fresh process per row. 'Model resident' is the RSS after "
+        "loading the model, reading all its weights once and tokenizing the text. 'Growth' is "
+        "the peak minus that.",
+        "",
+        "| method | tokens | model resident MiB | peak MiB | growth MiB | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in memory["runs"]:
+        lines.append(
+            f"| {run['method']} | {run['tokens']} | {run['rss_model_resident_mib']:.0f} "
+            f"| {run['peak_rss_mib']:.0f} | {run['peak_rss_mib'] - run['rss_model_resident_mib']:.0f} "
+            f"| {run['seconds']:.1f} |"
+        )
+    for skipped in memory["skipped"]:
+        lines.append(f"| {skipped['method']} | {skipped['tokens']} | skipped: {skipped['reason']} | | | |")
+    lines.append("")
+    for method in ("scan", "naive"):
+        if method in memory:
+            summary = memory[method]
+            low, high = summary["median_peak_mib"]
+            growth_low, growth_high = summary["median_growth_mib"]
             lines.append(
-                f"| {run['method']} | {run['tokens']} | {run['rss_model_resident_mib']:.0f} "
-                f"| {run['peak_rss_mib']:.0f} | {run['peak_rss_mib'] - run['rss_model_resident_mib']:.0f} "
-                f"| {run['seconds']:.1f} |"
+                f"- {method}: median peak {low:.0f} MiB at {memory['small_tokens']} tokens, {high:.0f} MiB at "
+                f"{memory['large_tokens']} tokens, ratio {summary['peak_ratio']:.3f}; growth over the resident "
+                f"model {growth_low:.0f} -> {growth_high:.0f} MiB"
             )
-        for skipped in memory["skipped"]:
-            lines.append(f"| {skipped['method']} | {skipped['tokens']} | skipped: {skipped['reason']} | | | |")
-        lines.append("")
-        for method in ("scan", "naive"):
-            key = f"{method}_peak_ratio"
-            if key in memory:
-                low, high = memory[f"{method}_growth_mib"]
-                lines.append(
-                    f"- {method}: peak at {memory['large_tokens']} / peak at {memory['small_tokens']} tokens = "
-                    f"{memory[key]:.3f}; growth over the resident model {low:.0f} -> {high:.0f} MiB"
-                )
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -426,10 +510,12 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_start": os.getloadavg(),
         "args": {key: value for key, value in vars(args).items() if key not in ("child", "tokens")},
     }
-    results["timing"] = time_methods(args)
-
+    if args.skip_timing and args.skip_memory:
+        raise SystemExit("--skip-timing and --skip-memory together leave nothing to run; drop one of them")
+    if not args.skip_timing:
+        results["timing"] = time_methods(args)
     if not args.skip_memory:
-        results["memory"] = measure_memory(args, results["timing"]["model_shape"])
+        results["memory"] = measure_memory(args, read_model_shape(args))
     results["load_average_end"] = os.getloadavg()
     results["total_seconds"] = time.perf_counter() - started
 
