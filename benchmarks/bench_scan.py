@@ -1,14 +1,16 @@
 """Benchmark the streaming scan against a plain forward pass and a keep-everything scan.
 
-Three methods run over the same token batches in one process, interleaved per repeat
-(baseline, mechme, full scan, naive, then again) so that machine noise spreads over
-all of them:
+The timed methods run over the same token batches in one process, one after the other
+in each repeat, so that machine noise spreads over all of them:
 
-- baseline: a plain Hugging Face forward pass with ``output_hidden_states=True``;
-- mechme: ``trace_batch`` per batch, the scan's per-batch work without disk I/O;
-  ``scan(...)`` is also timed end to end (tokenization, run file, figure);
-- naive: the same forward pass, with a CPU copy of every hidden state kept until
-  all batches are done, then per-layer top-1 |a| and median |a| computed from them.
+- baseline: a plain Hugging Face forward pass with ``output_hidden_states=True``.
+- mechme trace_batch: ``trace_batch`` per batch, the scan's per-batch work without
+  disk I/O.
+- mechme scan() end to end: ``scan(...)`` with tokenization, run file and figure.
+- naive keep-all: the baseline forward, with a CPU copy of every hidden state kept
+  until all batches are done, then per-layer top-1 |a| and median |a| computed from them.
+- reduce_layer alone: the scan's reduction on stored hidden states with no forward
+  pass, which shows how much of the scan's extra time is its own arithmetic.
 
 Peak memory (peak RSS, ``VmHWM``) of a full scan and of the naive method is measured
 at N and 10 x N tokens, each in a fresh child process of this script (``--child``).
@@ -36,10 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT / "data" / "text" / "moby-dick.txt"
 
-# Estimate: the default sizes take about 11 minutes on an idle 2-core CPU, where one
-# batch of 8 x 256 tokens takes about 5 s. --quick shrinks every size.
+# The default sizes took 9.5 minutes on an idle 2-core AMD EPYC (docs/benchmarks.md).
+# --quick shrinks every size.
 DEFAULTS = {"timing_tokens": 4096, "repeats": 5, "memory_tokens": 4096, "memory_repeats": 2}
-QUICK = {"timing_tokens": 2048, "repeats": 2, "memory_tokens": 1024, "memory_repeats": 1}
+QUICK = {"timing_tokens": 2048, "repeats": 2, "memory_tokens": 2048, "memory_repeats": 1}
+
+# A pass during which other processes used more than this share of all cores counts
+# as disturbed in the report.
+BUSY_SHARE = 0.10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed passes per method (default 5, or 2 with --quick)")
     parser.add_argument(
         "--memory-tokens", type=int,
-        help="token count N of the smaller memory run (default 4096, or 1024 with --quick)",
+        help="token count N of the smaller memory run (default 4096, or 2048 with --quick)",
     )
     parser.add_argument(
         "--memory-scale", type=int, default=10,
@@ -91,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def machine_busy_seconds() -> float:
+    """Return the CPU seconds all processes have used since boot, from /proc/stat (Linux only)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 # -- shared set-up -------------------------------------------------------------------
@@ -128,7 +141,7 @@ def ru_maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# -- the three methods ---------------------------------------------------------------
+# -- the timed methods ---------------------------------------------------------------
 
 
 def run_baseline(loaded, batches) -> None:
@@ -147,6 +160,19 @@ def run_mechme(loaded, batches, spec) -> None:
     with torch.no_grad():
         for batch in batches:
             trace_batch(loaded, batch, spec)
+
+
+def run_reduce_only(batches, hidden_states, spec) -> None:
+    """Run the scan's per-layer reduction on stored hidden states, with no forward pass."""
+    import torch
+
+    from mechme.measures import massive
+
+    with torch.no_grad():
+        for batch, states in zip(batches, hidden_states):
+            real = batch.attention_mask.bool()
+            for h in states:
+                massive.reduce_layer(h, real, batch.n_pad, spec.abs_threshold, spec.ratio_threshold)
 
 
 def run_full_scan(loaded, spec, out: Path):
@@ -209,19 +235,29 @@ def naive_stats(saved_states: list[list], n_pad: list[int]) -> list[dict]:
 
 
 def time_methods(args: argparse.Namespace) -> dict:
+    import torch
+
     loaded, spec, batches = setup(args, args.timing_tokens)
     n_tokens = sum(sum(batch.lengths) for batch in batches)
     log(f"timing: {len(batches)} batch(es), {n_tokens} tokens per pass, {args.repeats} repeat(s)")
+
+    # The n_layers + 1 hidden states match the scan's reduce_layer calls (the layer-0
+    # input, then every layer's output), so this row isolates the scan's own arithmetic.
+    with torch.no_grad():
+        hidden_states = [loaded.model(**b.model_inputs(), output_hidden_states=True).hidden_states for b in batches]
     methods = {
         "baseline": lambda out: run_baseline(loaded, batches),
         "mechme trace_batch": lambda out: run_mechme(loaded, batches, spec),
         "mechme scan() end to end": lambda out: run_full_scan(loaded, spec, out),
         "naive keep-all": lambda out: run_naive(loaded, batches),
+        "reduce_layer alone, no forward": lambda out: run_reduce_only(batches, hidden_states, spec),
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
     # CPU seconds of this process (all threads) next to wall seconds, because time
     # spent waiting for a core while other programs run counts in wall time only.
     cpu_times: dict[str, list[float]] = {name: [] for name in methods}
+    # Share of the machine's cores that other processes used during each pass.
+    other_load: dict[str, list[float]] = {name: [] for name in methods}
     with tempfile.TemporaryDirectory(prefix="mechme-bench-") as tmp:
         # One untimed pass each, because the first nnsight trace and the first forward
         # take longer than later ones, and a long scan spreads that over many batches.
@@ -232,10 +268,13 @@ def time_methods(args: argparse.Namespace) -> dict:
             for name, method in methods.items():
                 # A fresh folder per call, because scan() never overwrites a run file.
                 out = Path(tmp) / f"{repeat}-{len(times[name])}"
-                start, cpu_start = time.perf_counter(), time.process_time()
+                start, cpu_start, busy_start = time.perf_counter(), time.process_time(), machine_busy_seconds()
                 method(out)
-                times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
+                wall = time.perf_counter() - start
+                cpu = time.process_time() - cpu_start
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
+                other_load[name].append(max(0.0, machine_busy_seconds() - busy_start - cpu) / (wall * os.cpu_count()))
             summary = ", ".join(f"{name} {values[-1]:.2f}s" for name, values in times.items())
             log(f"  repeat {repeat + 1}/{args.repeats}: {summary}")
 
@@ -252,6 +291,9 @@ def time_methods(args: argparse.Namespace) -> dict:
             "max_s": max(values),
             "tokens_per_s": n_tokens / median,
             "ratio_to_baseline": median / base,
+            # Other load only ever adds time, so on a busy machine the fastest pass
+            # is the one closest to the time on an idle machine.
+            "min_ratio_to_baseline": min(values) / min(times["baseline"]),
             "cpu_median_s": cpu_median,
             "cpu_ratio_to_baseline": cpu_median / cpu_base,
             # Each pass divided by the baseline pass of the same repeat, which ran just
@@ -261,6 +303,8 @@ def time_methods(args: argparse.Namespace) -> dict:
             ),
             "times_s": values,
             "cpu_times_s": cpu_times[name],
+            "other_load_share": other_load[name],
+            "busy_passes": sum(share > BUSY_SHARE for share in other_load[name]),
         })
     return {
         "tokens_per_pass": n_tokens,
@@ -343,11 +387,17 @@ def measure_memory(args: argparse.Namespace, model_shape: dict) -> dict:
     small = args.memory_tokens
     large = small * args.memory_scale
     results = {"small_tokens": small, "large_tokens": large, "runs": [], "skipped": []}
+    if small < args.batch_size * args.seq_len:
+        # Peak memory follows the size of one batch, so a smaller first run compares
+        # partial batches with full ones and overstates the growth.
+        log(f"warning: --memory-tokens {small} is less than one full batch "
+            f"({args.batch_size} x {args.seq_len} tokens), so the two sizes use batches of different sizes")
 
-    # The scan's peak differs by a few percent from one process to the next (it is set
-    # by the transients of the first batches), which is close to the 10% target, so
-    # the scan runs are repeated. The naive method grows far more than that, so one
-    # run per size is enough.
+    # The scan's peak is set by the transients of the first batches, and it differed by
+    # up to 25% between identical processes (1,622 to 2,025 MiB at 4,096 tokens), more
+    # than the 10% target. Repeating the runs and comparing medians reduces that noise
+    # but does not remove it. The naive method grows far more, so one run per size is
+    # enough.
     for _ in range(args.memory_repeats):
         for tokens in (small, large):
             results["runs"].append(measured_child(args, "scan", tokens))
@@ -440,23 +490,28 @@ def markdown(results: dict) -> str:
 
 
 def timing_markdown(results: dict, timing: dict) -> list[str]:
+    args = results["args"]
     lines = [
-        f"Timing: {timing['tokens_per_pass']} tokens per pass ({timing['batches_per_pass']} batch(es) of "
-        f"{results['args']['batch_size']} x {results['args']['seq_len']}), median of {timing['repeats']} "
-        f"interleaved repeats, {results['args']['threads']} threads. Load average (1 min) "
-        f"{results['load_average_start'][0]:.2f} at the start, {results['load_average_end'][0]:.2f} at the end.",
-        "'Ratio to baseline' divides the medians. 'Paired ratio' is the median over repeats of each pass "
-        "divided by the baseline pass of the same repeat. The CPU columns count CPU seconds of the process.",
+        f"Timing: {timing['tokens_per_pass']} tokens per pass ({timing['batches_per_pass']} batch(es) of up to "
+        f"{args['batch_size']} x {args['seq_len']} tokens), {timing['repeats']} interleaved repeats, "
+        f"{args['threads']} threads. Load average (1 min) {results['load_average_start'][0]:.2f} at the start, "
+        f"{results['load_average_end'][0]:.2f} at the end.",
         "",
-        "| method | median s | min s | max s | tokens/s | ratio to baseline | paired ratio | median CPU s "
-        "| CPU ratio |",
+        "Ratios are to the baseline: of the medians, of the fastest passes, the median of each pass over "
+        "the baseline pass of its repeat (paired), and of the median CPU seconds of the process. "
+        f"'Disturbed' counts the passes during which other processes used more than {BUSY_SHARE:.0%} of "
+        "the cores.",
+        "",
+        "| method | median s | min s | max s | ratio of medians | ratio of mins | paired ratio | CPU ratio "
+        "| disturbed |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in timing["rows"]:
         lines.append(
             f"| {row['method']} | {row['median_s']:.2f} | {row['min_s']:.2f} | {row['max_s']:.2f} "
-            f"| {row['tokens_per_s']:.0f} | {row['ratio_to_baseline']:.3f} | {row['paired_ratio_median']:.3f} "
-            f"| {row['cpu_median_s']:.2f} | {row['cpu_ratio_to_baseline']:.3f} |"
+            f"| {row['ratio_to_baseline']:.3f} | {row['min_ratio_to_baseline']:.3f} "
+            f"| {row['paired_ratio_median']:.3f} | {row['cpu_ratio_to_baseline']:.3f} "
+            f"| {row['busy_passes']}/{len(row['times_s'])} |"
         )
     return lines
 
