@@ -58,8 +58,12 @@ def reduce_layer(
     top_abs, top_flat = flat.topk(TOP_RANKS, dim=1)
     top_value = h.reshape(batch, seq * dim).gather(1, top_flat)
 
-    # Per-prompt median over real entries only (the lower median for an even count).
-    medians = torch.stack([a[b, n_pad[b]:].reshape(-1).median() for b in range(batch)])
+    # Per-prompt median over real entries only (the lower median for an even count). Rows
+    # with the same padding share one batched median call: one call for unpadded text rows.
+    medians = torch.empty(batch, dtype=a.dtype, device=a.device)
+    for pad in sorted(set(n_pad)):
+        rows = torch.tensor([b for b in range(batch) if n_pad[b] == pad], device=a.device)
+        medians[rows] = a[rows, pad:].reshape(len(rows), -1).median(dim=1).values
 
     # Entries meeting the criterion, counted per token and per dim.
     limit = torch.clamp(medians * ratio_threshold, min=abs_threshold).view(batch, 1, 1)
