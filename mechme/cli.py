@@ -12,21 +12,14 @@ import logging
 import os
 import sys
 
+from mechme.cli_options import add_model_option, add_text_options
 from mechme.errors import MechmeError
 
 logger = logging.getLogger("mechme")
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    from mechme.models.loading import DEFAULT_MODEL
-
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="REF",
-        help="bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file, cached hub id, "
-        f"or ndif:ORG/NAME (default: {DEFAULT_MODEL})",
-    )
+    add_model_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -39,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="scan a model for massive activations and locate its ME Layer")
     _add_model(p)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--text", metavar="PATH", help="UTF-8 .txt file, or .jsonl with a 'text' field")
-    source.add_argument("--prompts", metavar="NAME", default="sentences", help="bundled prompt set (default: sentences)")
+    add_text_options(p)
     p.add_argument("--max-tokens", type=int, metavar="N", help="stop after N tokens in total")
     p.add_argument("--seq-len", type=int, default=256, metavar="T", help="tokens per row (default: 256)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward pass (default: 8)")

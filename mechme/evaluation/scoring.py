@@ -21,6 +21,7 @@ from decimal import Decimal, InvalidOperation
 
 import torch
 
+from mechme.engine.text import pad_id
 from mechme.errors import SpecError
 
 # -- answer extraction ---------------------------------------------------------
@@ -214,7 +215,7 @@ def score_continuations(
     model = loaded.model
     device = loaded.device
     cache_name = _cache_kwarg(model)
-    pad = _pad_id(loaded.tokenizer)
+    pad = pad_id(loaded.tokenizer)
     results: list[list[ChoiceScore]] = []
     for start in range(0, len(requests), batch_size):
         group = requests[start:start + batch_size]
@@ -336,7 +337,7 @@ def score_unshared(loaded, prompt: list[int], continuation: list[int]) -> Choice
 @torch.inference_mode()
 def score_rows(loaded, rows: list[list[int]], *, batch_size: int = 8, progress=None) -> list[ChoiceScore]:
     """Score every token of each row after its first (teacher-forced), for perplexity."""
-    pad = _pad_id(loaded.tokenizer)
+    pad = pad_id(loaded.tokenizer)
     device = loaded.device
     results = []
     for start in range(0, len(rows), batch_size):
@@ -377,7 +378,7 @@ def generate(
     if max_new_tokens < 1:
         raise SpecError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tokenizer = loaded.tokenizer
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -407,11 +408,6 @@ def _generate_batch(loaded, batch, pad, max_new_tokens, stop):
     return loaded.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from mechme.errors import SpecError
-from mechme.models.loaded import LoadedModel
+from mechme.models.loaded import LoadedModel, get_path
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class WeMask:
     def attach(self) -> WeMask:
         if self._handles:
             return self
-        base = _get(self.model.model, self.model.arch.layers.rsplit(".", 1)[0])
+        base = get_path(self.model.model, self.model.arch.layers.rsplit(".", 1)[0])
         self._handles.append(base.register_forward_pre_hook(self._record_inputs, with_kwargs=True))
         for layer in self.layers:
             norm = self.model.norm_module(layer, "attn_norm")
@@ -263,12 +263,6 @@ class WeMask:
             state.scatter_(1, idx, state.gather(1, idx) * keep)
         out[rows, cols] = state
         return out
-
-
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # -- spec strings and recorded defaults -------------------------------------------

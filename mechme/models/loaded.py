@@ -76,12 +76,12 @@ class LoadedModel:
     def layer_module(self, layer: int) -> torch.nn.Module:
         """Return decoder layer ``layer`` of the underlying torch model."""
         self.check_layer(layer)
-        return _get_path(self.model, self.arch.layers)[layer]
+        return get_path(self.model, self.arch.layers)[layer]
 
     def submodule(self, layer: int, path: str) -> torch.nn.Module:
         """Return the module at ``path`` relative to decoder layer ``layer``."""
         module = self.layer_module(layer)
-        return _get_path(module, path) if path else module
+        return get_path(module, path) if path else module
 
     def norm_module(self, layer: int, role: str) -> torch.nn.Module:
         """Return the RMSNorm that plays ``role`` (e.g. ``"mlp_norm"``) in ``layer``."""
@@ -132,8 +132,8 @@ class LoadedModel:
 
     def envoy(self, layer: int, path: str):
         """Return the nnsight envoy for ``path`` relative to decoder layer ``layer``."""
-        node = _get_path(self.lm, self.arch.layers)[layer]
-        return _get_path(node, path) if path else node
+        node = get_path(self.lm, self.arch.layers)[layer]
+        return get_path(node, path) if path else node
 
     def trace_kwargs(self) -> dict:
         """Keyword arguments that send a trace to the configured remote backend."""
@@ -158,7 +158,8 @@ class LoadedModel:
         }
 
 
-def _get_path(obj, path: str):
+def get_path(obj, path: str):
+    """Return the attribute at a dotted ``path`` below ``obj`` (e.g. ``"model.layers"``)."""
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
