@@ -8,7 +8,7 @@ gain rankings, their causal checks against seeded random controls, and the joint
 from pathlib import Path
 
 from mechme.engine.attribution import attribute
-from mechme.findings import Finding, markdown_table
+from mechme.findings import Finding, markdown_table, verdict_for
 from mechme.models import load_model
 
 
@@ -53,7 +53,7 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
     # Joint cause on a model: removing both stops the emergence, and neither part alone does.
     joint = {"SmolLM2": s_both and not s_ffn and not s_gain, "Gemma 3": g_both and not g_ffn and not g_gain}
     holds_on = [name for name, ok in joint.items() if ok]
-    verdict = "holds" if len(holds_on) == 2 else ("partly holds" if holds_on else "does not hold")
+    verdict = verdict_for(all_hold=len(holds_on) == 2, any_hold=bool(holds_on))
     notes = []
     for name, (ffn, gain, both) in (("SmolLM2", (s_ffn, s_gain, s_both)), ("Gemma 3", (g_ffn, g_gain, g_both))):
         if joint[name]:

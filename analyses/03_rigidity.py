@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mechme.findings import Finding, markdown_table
+from mechme.findings import Finding, markdown_table, verdict_for
 from mechme.measures.rigidity import measure_rigidity
 from mechme.models import load_model
 
@@ -41,7 +41,7 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
          "ordinary tokens: median cos with previous layer", "ordinary tokens: median cos across prompts"], rows)
     fixed = all(a["massive_prev"] >= 0.99 and a["massive_across"] >= 0.95 for a in after.values())
     contrast = all(a["ordinary_across"] < a["massive_across"] for a in after.values())
-    verdict = "holds" if fixed and contrast else ("partly holds" if fixed or contrast else "does not hold")
+    verdict = verdict_for(all_hold=fixed and contrast, any_hold=fixed or contrast)
     s, g = after["smollm2-135m"], after["gemma3-270m"]
     measured = (
         f"On SmolLM2, in {s['fixed_layers']} of the {s['n_layers']} layers after the ME Layer the massive token's state "

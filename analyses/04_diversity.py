@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mechme.findings import Finding, markdown_table
+from mechme.findings import Finding, markdown_table, verdict_for
 from mechme.measures.rigidity import measure_rigidity
 from mechme.models import load_model
 from mechme.scanning import me_layer_of
@@ -52,7 +52,7 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
     supports = {ref: (e["cos_with"] > e["cos_without"], e["cos_others_removed"] < e["cos_without"])
                 for ref, e in effects.items()}
     n = sum(a + b for a, b in supports.values())
-    verdict = "holds" if n == 4 else ("partly holds" if n else "does not hold")
+    verdict = verdict_for(all_hold=n == 4, any_hold=n > 0)
     s, g = effects["smollm2-135m"], effects["gemma3-270m"]
     measured = (
         f"Averaged over the layers after the ME Layer, SmolLM2's attention input has a mean pairwise cosine of "

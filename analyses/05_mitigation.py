@@ -6,15 +6,16 @@
 3. Two fine-tunes with the same data, seed and steps, one with the mask active in the
    forward pass and one without, are scored on the same test items.
 
-The runs here are small enough for a 2-core CPU (see ``SIZES``); the paper's figures come
-from models of 4B parameters and more and are not comparable with a 135M model's.
+The runs here are small enough for a 2-core CPU (see ``SIZES``). The ME Layer paper (Shi et
+al., ICML 2026) reports figures for models of 4B parameters and more, which are not
+comparable with a 135M model's.
 """
 
 import os
 from pathlib import Path
 
 from mechme.evaluation.tasks import evaluate
-from mechme.findings import Finding, markdown_table
+from mechme.findings import Finding, markdown_table, verdict_for
 from mechme.measures.sinks import measure_sinks
 from mechme.mitigation.finetune import FinetuneSpec, finetune
 from mechme.mitigation.sweep import sweep
@@ -85,7 +86,7 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
     significant = [t for t, r in results.items() if r["p"] < 0.05]
     better = [t for t in significant if results[t]["wemask"] > results[t]["baseline"]]
     worse = [t for t in significant if results[t]["wemask"] < results[t]["baseline"]]
-    verdict = "holds" if better and not worse else ("partly holds" if better else "does not hold")
+    verdict = verdict_for(all_hold=bool(better) and not worse, any_hold=bool(better))
     measured = (
         f"Settings chosen on ARC-Easy validation ({tuned['n']} items): {tuned['chosen']} "
         f"(validation {tuned['best_score']:.3f} against {tuned['baseline_score']:.3f} unmasked). On the test items, "

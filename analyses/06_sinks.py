@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from mechme.findings import Finding, markdown_table
+from mechme.findings import Finding, markdown_table, verdict_for
 from mechme.measures.sinks import measure_sinks
 from mechme.mitigation.wemask import WeMask, default_spec
 from mechme.models import load_model
@@ -35,7 +35,7 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
     weaker = {ref: {name: s["conditions"][name]["sink_rate"] < s["sink_rate"] for name in ("remove-massive", "wemask")}
               for ref, s in summaries.items()}
     n = sum(v for w in weaker.values() for v in w.values())
-    verdict = "holds" if n == 4 else ("partly holds" if n else "does not hold")
+    verdict = verdict_for(all_hold=n == 4, any_hold=n > 0)
     smol = summaries["smollm2-135m"]
     measured = (
         f"SmolLM2: sink rate {smol['sink_rate']:.1f}% at baseline (epsilon {smol['epsilon']}, {smol['seq_len']} tokens), "

@@ -1,7 +1,9 @@
-"""Analyses that regenerate the paper's findings, and the page that collects them.
+"""Analyses that regenerate the findings of the ME Layer paper, and the page that collects them.
 
-An analysis is a Python file that defines ``analysis(out, remote=None) -> Finding``;
-`mechme run FILE` runs it like a study file. ``mechme findings FILE... --out PATH`` runs
+The paper is Shi et al., "A Single Layer to Explain Them All: Understanding Massive
+Activations in Large Language Models" (ICML 2026, arXiv 2605.08504). An analysis is a
+Python file that defines ``analysis(out, remote=None) -> Finding``, and `mechme run FILE`
+runs it like a study file. ``mechme findings FILE... --out PATH`` runs
 several and writes one markdown page with, for each finding, the paper's claim, what was
 measured, the verdict and its reason, the figure, and the command that regenerates it.
 """
@@ -42,6 +44,15 @@ class Finding:
     def __post_init__(self):
         if self.verdict not in VERDICTS:
             raise ValueError(f"invalid verdict {self.verdict!r}; choose one of {', '.join(VERDICTS)}")
+
+
+def verdict_for(*, all_hold: bool, any_hold: bool) -> str:
+    """Return ``holds`` when every check holds, ``partly holds`` when some do, else ``does not hold``."""
+    if all_hold:
+        return "holds"
+    if any_hold:
+        return "partly holds"
+    return "does not hold"
 
 
 def load_analysis(path: str | Path):

@@ -14,7 +14,6 @@ import xarray as xr
 from mechme import cli_capture
 from mechme.engine import capture as capture_module
 from mechme.engine.capture import (
-    CaptureSpec,
     capture,
     check_capture,
     describe_capture,

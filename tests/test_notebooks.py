@@ -1,6 +1,5 @@
 """The notebooks run end to end on the CPU, as a researcher would run them."""
 
-import os
 from pathlib import Path
 
 import nbformat

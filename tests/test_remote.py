@@ -44,7 +44,7 @@ def test_unhosted_model():
 def test_host_that_stops_answering():
     with MockNDIF("silent") as mock:
         start = time.monotonic()
-        with pytest.raises(RemoteError, match="stopped answering: no message for 2 s"):
+        with pytest.raises(RemoteError, match="stopped responding: no message for 2 s"):
             run_one_trace(ndif_tiny(mock.host, idle_timeout=2.0))
         assert time.monotonic() - start < 15
 

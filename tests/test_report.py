@@ -33,7 +33,8 @@ def test_report_has_tables_and_provenance(report):
     assert "data:image/png;base64," in page
     assert model.weights_sha256 in page
     assert "ME Layer 2" in page
-    assert ">zero<" in page and ">baseline<" in page
+    assert ">zero<" in page
+    assert ">baseline<" in page
     assert "nnsight" in page
 
 
@@ -50,4 +51,5 @@ def test_report_figures_render_in_chromium(report, tmp_path):
     match = re.search(r'data-figures="(\d+)/(\d+)"', proc.stdout)
     assert match, "the page's load script did not run"
     rendered, total = map(int, match.groups())
-    assert total == 2 and rendered == total
+    assert total == 2
+    assert rendered == total

@@ -2,7 +2,7 @@
 
 Compilation happens before anything runs, so a bad spec fails with a message that lists
 the valid values. Activation edits are applied inside the trace with torch operations
-only; weight edits (module and neuron swaps) are applied to the local model and undone
+only. Weight edits (module and neuron swaps) are applied to the local model and undone
 when the condition ends.
 """
 
@@ -40,7 +40,7 @@ DELIMITER_CHARS = set(string.punctuation) | {"\n"}
 
 @dataclass
 class Context:
-    """What selectors may depend on: the model, the ME Layer and massive dims of a scan."""
+    """Inputs that selectors may depend on: the model, and the ME Layer and massive dims of a scan."""
 
     model: LoadedModel
     me_layer: int | None = None
@@ -259,9 +259,9 @@ def _source_position(tokens: Tokens, position: int) -> int:
 def _apply_gain(edit: ActEdit, ctx: Context, picks) -> torch.Tensor:
     """Rewrite a norm's output on the selected dims as if its gain were ``edit.new_gain``.
 
-    RMSNorm computes ``gain * x / sqrt(mean(x^2) + eps)``; the edit recomputes the
+    RMSNorm computes ``gain * x / sqrt(mean(x^2) + eps)``. The edit recomputes the
     normalised input from the norm's own input, so it is exact even where the old gain
-    is 0 (SmolLM2's gain at its massive dim is about 0).
+    is 0, as SmolLM2's gain at its massive dim nearly is.
     """
     model = ctx.model
     role = edit.site.split(":", 1)[1]

@@ -1,7 +1,7 @@
 """Run traces on NDIF with bounded waits and clear errors.
 
 nnsight's own blocking backend opens its websocket with no timeout and keeps waiting
-while the host is silent, so a host that stops answering would hang a study forever.
+while the host is silent, so a host that stops responding would hang a study forever.
 `BoundedRemoteBackend` runs the same protocol (subscribe over a websocket, POST the
 serialised trace, stream status frames until COMPLETED) with a connect timeout and an
 idle timeout, and turns each failure into a `mechme.errors.RemoteError` that says what
@@ -79,7 +79,7 @@ class BoundedRemoteBackend(RemoteBackend):
             return connection.recv()
         except websocket.WebSocketTimeoutException as err:
             raise RemoteError(
-                f"the NDIF host {self.host} stopped answering: no message for {self.idle_timeout:g} s; "
+                f"the NDIF host {self.host} stopped responding: no message for {self.idle_timeout:g} s; "
                 "the job may still finish on the server, so retry later or raise idle_timeout"
             ) from err
         except (OSError, websocket.WebSocketException) as err:

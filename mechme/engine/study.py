@@ -1,6 +1,6 @@
 """Run a `Study`: a baseline and each condition, batch by batch, reduced on the device.
 
-For every batch the baseline runs first; its next-token log-probabilities stay on the
+For every batch the baseline runs first. Its next-token log-probabilities stay on the
 device for that batch only, and each condition's trace compares against them there.
 Per condition and prompt the trace returns: the KL divergence KL(baseline || condition)
 of next-token distributions summed over real positions, the next-token loss, the number
@@ -271,7 +271,7 @@ def _prepare_replacements(study: Study, ctx: Context) -> None:
     from mechme.engine.sites import forward_order
 
     model = ctx.model
-    wanted: dict[str, set] = {}
+    requested: dict[str, set] = {}
     for c in study.conditions:
         for iv in c.interventions:
             if isinstance(iv.op, Replace):
@@ -285,8 +285,8 @@ def _prepare_replacements(study: Study, ctx: Context) -> None:
                                                position=p)
                             ctx.replacements[(iv.op.prompt, layer, iv.site, p)] = state
                         else:
-                            wanted.setdefault(iv.op.prompt, set()).add((layer, iv.site, p))
-    for prompt, keys in wanted.items():
+                            requested.setdefault(iv.op.prompt, set()).add((layer, iv.site, p))
+    for prompt, keys in requested.items():
         ids = model.tokenizer(prompt, return_tensors="pt").input_ids
         length = ids.shape[1]
         for _, _, p in keys:

@@ -152,14 +152,14 @@ def tokenize_rows(tokenizer, kind: str, items: list[str], *, seq_len: int, max_t
     else:
         raise SpecError(f"invalid text kind {kind!r}; use 'prompts' or 'text'")
     if max_tokens is not None:
-        kept, total = [], 0
+        truncated, total = [], 0
         for row in rows:
             if total >= max_tokens:
                 break
             row = row[: max_tokens - total]
-            kept.append(row)
+            truncated.append(row)
             total += len(row)
-        rows = kept
+        rows = truncated
     # A row needs two tokens of text besides an added BOS.
     min_len = 2 + (1 if bos is not None else 0)
     rows = [row for row in rows if len(row) >= min_len]

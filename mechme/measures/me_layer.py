@@ -1,8 +1,8 @@
 """Locate the Massive Emergence Layer (ME Layer) from scan statistics.
 
-The rule: the ME Layer is the first layer whose output (``resid_post``) holds at least
-one massive entry in at least ``majority`` of the prompts (default: more than half
-counts as most, so 0.5 with a strict majority is not required). A model where no layer
+The rule: the ME Layer is the first layer whose output (``resid_post``) contains at least
+one massive entry in at least ``majority`` of the prompts (default 0.5, so at least half
+of them). A model where no layer
 reaches that share gets ``me_layer = None``, never a forced layer.
 
 The verdict carries its evidence: the jump of the mean top-1 magnitude from the layer
@@ -52,7 +52,7 @@ def locate_me_layer(ds: xr.Dataset, *, majority: float = 0.5) -> dict:
     dims = [int(d) for d in np.argsort(-per_dim) if per_dim[d] > 0]
     tokens = _massive_tokens(ds, me)
 
-    # Decomposition of the top entry of each prompt that holds a massive entry.
+    # Decomposition of the top entry of each prompt that contains a massive entry.
     holders = ds.massive_count.sel(layer=me).values > 0
     value = ds.top_value.sel(layer=me).isel(rank=0).values[holders]
     sign = np.sign(value)

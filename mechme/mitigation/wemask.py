@@ -19,8 +19,8 @@ Options (`WeMaskSpec`), with what each choice follows:
   released code's maths variant).
 - ``gamma``: 1 zeroes the dims; a smaller value scales them by ``1 - gamma``.
 - ``token``: ``"massive"`` masks only the first real token of each row, during the
-  prompt's forward pass (prefill); under KV-cache generation its masked keys and values
-  are reused and generated tokens are never masked. ``"released"`` masks position 0 of
+  prompt's forward pass (prefill). Under KV-cache generation its masked keys and values
+  are reused, and generated tokens are not masked. ``"released"`` masks position 0 of
   every forward pass, as the released code does, which under a KV cache means every
   newly generated token.
 
@@ -229,9 +229,9 @@ class WeMask:
             # Left padding: the first real token is the first 1 of each row.
             self._first = mask[:, -seq:].long().argmax(dim=1)
         elif isinstance(positions, torch.Tensor) and positions.dim() == 2:
-            # generate() drops the 2-D mask but passes mask-derived position ids; the first
-            # real token is the last position whose id is 0 (pads get 0 or 1, depending on
-            # who built the ids, and precede it).
+            # generate() drops the 2-D mask but passes mask-derived position ids. Pads get
+            # id 0 or 1, depending on who built the ids, and precede the first real token,
+            # so that token is the last position whose id is 0.
             zero = (positions == 0).long()
             self._first = seq - 1 - zero.flip(1).argmax(dim=1)
         else:

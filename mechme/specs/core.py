@@ -6,10 +6,9 @@ intervention edits one site of some layers, at some tokens and dims, with one op
 
     Intervention(site="mlp_out", layers=(11,), tokens=Tokens.first(), dims=Dims.all(), op=Zero())
 
-Gain ops (`SetGain`) target a norm role instead of a site (``site="mlp_norm"``) and
-rewrite that norm's output as if its gain had the new value, inside the trace; the
-model's weights are never modified, so nothing needs restoring and the edit runs
-remotely too. Module and neuron swaps (`SwapModules`, `SwapNeurons`) edit weights,
+Gain ops (`SetGain`) target a norm role instead of a site (``site="mlp_norm"``). Inside
+the trace they rewrite that norm's output as if its gain had the new value. The model's
+weights are not modified, so nothing needs restoring and the edit runs remotely too. Module and neuron swaps (`SwapModules`, `SwapNeurons`) edit weights,
 locally only, and restore them when the condition ends.
 
 Every spec has ``to_dict()`` and `from_dict` rebuilds it; `spec_hash` of the dict
@@ -31,9 +30,11 @@ from mechme.errors import SpecError
 class Tokens:
     """Token selector. Positions count real tokens (position 0 is the first non-pad token).
 
-    Kinds: ``first`` (the massive token, by default the first real token), ``positions``
-    (explicit real positions; negative counts from the end), ``delimiters`` (tokens whose
-    text is punctuation or a newline), ``all``.
+    Kinds:
+        ``first``: the massive token, which is the first real token.
+        ``positions``: explicit real positions; a negative position counts from the end.
+        ``delimiters``: tokens whose text is punctuation or a newline.
+        ``all``: every real token.
     """
 
     kind: str = "first"
@@ -157,8 +158,8 @@ class Replace:
     and position (its first real token for ``Tokens.first()``), from a clean run.
 
     With ``capture`` (the path of a `mechme capture` file) the state is read from that
-    file instead; the file's model must match the study's (weights sha256 checked), and
-    ``prompt`` may then be the prompt's index in the capture.
+    file instead. The file's model must match the study's, which is checked by weights
+    sha256, and ``prompt`` may then be the prompt's index in the capture.
     """
 
     prompt: str | int
