@@ -223,7 +223,7 @@ def cmd_finetune(args) -> int:
     spec = FinetuneSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                         n_examples=args.examples, seed=args.seed, wemask=args.wemask)
     summary = finetune(load_model(args.model), spec, out=args.out, progress=True)
-    summary.pop("excluded_gsm8k_test_indices")
+    summary.pop("excluded_gsm8k_ids")
     losses = summary.pop("losses")
     if args.json:
         print(json.dumps({**summary, "losses": losses}))

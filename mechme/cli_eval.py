@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from mechme.cli_options import add_model_option
 from mechme.errors import MechmeError, SpecError
@@ -53,12 +55,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SpecError(f"--batch-size must be at least 1, got {args.batch_size}")
     model = load_model(args.model)
     intervention = _wemask(args.wemask, model) if args.wemask is not None else None
+    exclude = _finetune_overlap(args.model) if args.task == "gsm8k" else []
+    if exclude:
+        print(f"leaving out the {len(exclude)} GSM8K questions this fine-tune's training problems were written from",
+              file=sys.stderr)
     result = evaluate(
         model, args.task, limit=args.limit, seed=args.seed, intervention=intervention, split=args.split,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True, out=args.out,
+        exclude=exclude,
     )
     print(json.dumps(result, default=str) if args.json else format_result(result))
     return 0
+
+
+def _finetune_overlap(ref: str) -> list[str]:
+    """Return the GSM8K ids recorded by `mechme finetune` in a saved model folder, if any."""
+    record = Path(ref).expanduser() / "mechme-finetune.json"
+    if not record.is_file():
+        return []
+    return list(json.loads(record.read_text()).get("excluded_gsm8k_ids", []))
 
 
 def _wemask(spec: str, model):

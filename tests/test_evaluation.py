@@ -254,6 +254,20 @@ def test_limit_draw_is_seeded(smollm2):
     assert first != select_items(items, 5, 1, task="piqa", split="test")
 
 
+def test_exclude_leaves_items_out(tiny_llama):
+    ids = [item["id"] for item in get_task("arc_easy").read("test", tiny_llama)]
+    result = evaluate(tiny_llama, "arc_easy", exclude=ids[3:], out=None, progress=False)
+    assert result["n"] == 3 and result["excluded"] == len(ids) - 3
+
+
+def test_eval_cli_leaves_out_finetune_sources(tmp_path):
+    from mechme.cli_eval import _finetune_overlap
+
+    assert _finetune_overlap(str(tmp_path)) == []
+    (tmp_path / "mechme-finetune.json").write_text('{"excluded_gsm8k_ids": ["gsm8k-3", "gsm8k-7"]}')
+    assert _finetune_overlap(str(tmp_path)) == ["gsm8k-3", "gsm8k-7"]
+
+
 def test_gsm8k_run(smollm2, tmp_path):
     result = evaluate(smollm2, "gsm8k", limit=2, max_new_tokens=12, out=tmp_path, progress=False)
     assert result["n"] == 2

@@ -18,7 +18,22 @@ def test_training_examples_are_seeded_and_formatted():
     for example in a:
         assert example["text"].startswith("Question: ")
         assert "So the answer is " in example["text"]
-    assert all(isinstance(i, int) for i in template_sources(a))
+
+
+def test_template_sources_find_the_rewritten_gsm8k_questions():
+    from mechme.evaluation.data import read_gsm8k
+    from mechme.mitigation.finetune import _words
+
+    examples = training_examples(30, seed=0)
+    excluded = set(template_sources(examples))
+    assert 0 < len(excluded) <= 30
+    questions = {r["id"]: _words(r["question"]) for r in read_gsm8k()}
+    for example in examples:
+        words = _words(example["question"])
+        sims = {i: len(words & q) / len(words | q) for i, q in questions.items()}
+        best = max(sims, key=sims.get)
+        # The closest GSM8K question of every training problem is among the excluded ones.
+        assert best in excluded, (example["template"], best, sims[best])
 
 
 @pytest.mark.parametrize("wemask", [None, "dims=gain,k=4,me_layer=1"])

@@ -185,3 +185,12 @@ def test_batched_generation_masks_first_real_token(model):
     assert (prefill[0, 0, mask.static_dims] == 0).all()
     assert (prefill[1, pad, mask.static_dims] == 0).all()
     assert (prefill[1, 0, mask.static_dims] != 0).any()
+
+
+@pytest.mark.parametrize("spec", [
+    WeMaskSpec(dims="gain", k=4, layers="next_only", gamma=0.5),
+    WeMaskSpec(dims="activation", fraction=0.25, token="released", me_layer=3),
+    WeMaskSpec(dims="massive", massive_dims=(17, 5)),
+])
+def test_spec_string_round_trip(spec):
+    assert parse_spec(spec.to_string()) == spec

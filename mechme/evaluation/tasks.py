@@ -344,7 +344,7 @@ def select_items(items: list[dict], limit: int | None, seed: int, *, task: str, 
 
 def evaluate(model, task: str, *, limit: int | None = None, seed: int = 0, intervention=None,
              split: str | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
-             progress: bool = True, out: str | Path | None = "runs") -> dict:
+             progress: bool = True, out: str | Path | None = "runs", exclude=()) -> dict:
     """Evaluate a model on a task, and again under an intervention on the same items.
 
     Args:
@@ -359,6 +359,8 @@ def evaluate(model, task: str, *, limit: int | None = None, seed: int = 0, inter
         batch_size: items per forward pass or per generation batch.
         progress: show tqdm bars on stderr.
         out: folder for the run file and markdown table; None writes nothing.
+        exclude: item ids to leave out before drawing (for example the GSM8K questions a
+            fine-tune's training problems were written from).
 
     Returns:
         A dict with ``task``, ``split``, ``n``, ``metric``, ``score``, ``ci95``, every
@@ -395,7 +397,9 @@ def evaluate(model, task: str, *, limit: int | None = None, seed: int = 0, inter
         from mechme.models.loading import load_model
 
         model = load_model(model)
-    items = select_items(spec_task.read(split, model), limit, seed, task=task, split=split)
+    exclude = set(exclude)
+    items = [item for item in spec_task.read(split, model) if item["id"] not in exclude]
+    items = select_items(items, limit, seed, task=task, split=split)
 
     started = time.time()
     conditions = {"baseline": _run_condition(spec_task, model, items, None, batch_size, max_new_tokens, progress)}
@@ -406,6 +410,7 @@ def evaluate(model, task: str, *, limit: int | None = None, seed: int = 0, inter
 
     result = {
         "task": task, "split": split, "n": len(items), "seed": seed, "limit": limit, "model": model.ref,
+        "excluded": len(exclude),
         "max_new_tokens": max_new_tokens, "intervention": describe_intervention(intervention),
         "metric": spec_task.primary.name, "higher_is_better": spec_task.primary.higher_is_better,
     }

@@ -84,6 +84,21 @@ class WeMaskSpec:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_string(self) -> str:
+        """The ``key=value,...`` form that `parse_spec` reads back (defaults left out)."""
+        defaults = WeMaskSpec(k=1)
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("k", "fraction", "me_layer") and value is None:
+                continue
+            if field.name not in ("k", "fraction") and value == getattr(defaults, field.name):
+                continue
+            if field.name == "massive_dims":
+                value = "+".join(str(d) for d in value)
+            parts.append(f"{field.name}={value:g}" if isinstance(value, float) else f"{field.name}={value}")
+        return ",".join(parts)
+
     def describe(self) -> str:
         if self.k is not None:
             size = f"k={self.k}"

@@ -116,3 +116,28 @@ def plot_sinks(ds: xr.Dataset, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_mitigation(results: dict[str, dict], path: str | Path) -> Path:
+    """Bar chart of task scores per variant with 95% bootstrap intervals.
+
+    ``results`` maps a task to ``{"metric": name, variant: {"score", "ci95"}, ...}``;
+    tasks whose metric is not a 0-1 rate (perplexity) are left out.
+    """
+    plt = _pyplot()
+    variants = ("baseline", "wemask", "finetuned", "finetuned+wemask")
+    labels = ("baseline", "WeMask, no training", "fine-tuned", "fine-tuned with WeMask")
+    tasks = [t for t, r in results.items() if r["metric"] != "perplexity"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks)), 3.6))
+    width = 0.8 / len(variants)
+    x = np.arange(len(tasks))
+    for i, (variant, label) in enumerate(zip(variants, labels)):
+        scores = np.array([results[t][variant]["score"] for t in tasks])
+        low = np.array([results[t][variant]["ci95"][0] for t in tasks])
+        high = np.array([results[t][variant]["ci95"][1] for t in tasks])
+        ax.bar(x + (i - 1.5) * width, scores, width, label=label,
+               yerr=np.vstack([scores - low, high - scores]), capsize=2)
+    ax.set_xticks(x, [f"{t}\n({results[t]['metric']})" for t in tasks], fontsize=8)
+    ax.set_ylabel("score (95% bootstrap interval)")
+    ax.legend(fontsize=7, ncols=2)
+    return _save(fig, path)
