@@ -317,3 +317,51 @@ def test_study_file_and_resume(tmp_path, monkeypatch):
     path.write_text("x = 1\n")
     with pytest.raises(SpecError, match="defines 0 Study objects"):
         load_study_file(path)
+
+
+def _all_op_study(**kwargs):
+    ops = [
+        *WRITE_OPS,
+        Intervention(site="attn_in", layers=1, op=Mean(), tokens=Tokens.first()),
+        Intervention(site="resid_pre", layers=2, op=Replace(prompt="A different source prompt"), tokens=Tokens.at(1)),
+        # Two conditions at one layer on the norm's input and output sides.
+        Intervention(site="attn_norm", layers=2, op=SetGain(to="zero"), tokens=Tokens.all(), dims=Dims.of(3, 17)),
+    ]
+    return Study(name="stack", model="tiny", batch_size=3, conditions=[
+        Condition(name=f"c{i}-{type(iv.op).__name__}", interventions=[iv]) for i, iv in enumerate(ops)
+    ], **kwargs)
+
+
+def test_stacked_conditions_match_one_trace_each():
+    model = tiny_model("llama", plant=Plant(layer=2, dim=17))
+    study = _all_op_study()
+    one_each = run_study(study, model=model, out=None, progress=False, stack_tokens=1).dataset
+    stacked = run_study(study, model=model, out=None, progress=False).dataset
+    for name in ("kl_sum", "nll_sum", "me_top", "massive_by_layer"):
+        np.testing.assert_allclose(stacked[name].values, one_each[name].values, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(stacked.agree_sum.values, one_each.agree_sum.values)
+    # Every condition moves the next-token distributions, so a mix-up of rows would show.
+    # (The one that edits only the last token changes no scored prediction.)
+    kl = stacked.kl_sum.sum("prompt").to_series()
+    assert kl["baseline"] == 0
+    assert (kl.drop(["baseline", "c7-Zero"]) > 0).all(), kl
+
+
+def test_condition_groups():
+    from mechme.engine.study import _groups
+
+    model = tiny_model("llama")
+    batch = make_batches([model.tokenizer(t).input_ids for t in TEXTS], batch_size=3, pad=pad_id(model.tokenizer))[0]
+    study = _all_op_study()
+    groups = _groups(study, batch, stack_tokens=4 * batch.input_ids.numel())
+    assert groups[0][0] == "baseline"
+    assert sorted(sum(groups, [])) == sorted(["baseline", *(c.name for c in study.conditions)])
+    weight = {c.name for c in study.conditions if isinstance(c.interventions[0].op, (SwapModules, SwapNeurons))}
+    for group in groups:
+        assert len(group) <= 4
+        assert len(group) == 1 or not weight & set(group)
+    one_each = _groups(study, batch, stack_tokens=1)
+    assert one_each[0] == ["baseline"]
+    assert sorted(one_each) == sorted([n] for n in ["baseline", *(c.name for c in study.conditions)])
+    with pytest.raises(SpecError, match="stack_tokens"):
+        run_study(study, model=model, out=None, progress=False, stack_tokens=0)

@@ -191,8 +191,9 @@ def compile_condition(condition: Condition, ctx: Context) -> list[ActEdit]:
 def _site_order(site: str) -> float:
     if site.startswith("norm:"):
         role = site.split(":", 1)[1]
-        # A norm's output is the site right after its input.
-        return {"attn_norm": 1, "attn_post_norm": 2, "mlp_norm": 4, "mlp_post_norm": 6}[role] + 0.5
+        # A gain edit reads the norm's input, so it goes just before the site that the
+        # norm's output feeds: a trace cannot return to an input once the module has run.
+        return {"attn_norm": 1, "attn_post_norm": 2, "mlp_norm": 4, "mlp_post_norm": 6}[role] - 0.5
     return SITES.index(site)
 
 
@@ -206,30 +207,40 @@ def _new_gain(op: SetGain, gain: torch.Tensor) -> torch.Tensor:
     return gain * op.factor
 
 
-def apply_edit(edit: ActEdit, ctx: Context, batch: Batch, token_strings: list[list[str]]) -> torch.Tensor:
-    """Apply one activation edit inside an active trace; return the edited site value."""
+def apply_edit(edit: ActEdit, ctx: Context, batch: Batch, token_strings: list[list[str]],
+               row_offset: int = 0, reads: dict | None = None) -> torch.Tensor:
+    """Apply one activation edit inside an active trace; return the edited site value.
+
+    ``row_offset`` places ``batch`` at rows ``row_offset ..`` of a trace that stacks
+    several copies of it (one per condition); only those rows are edited. Edits of
+    several conditions at one site share ``reads``, so the site is read once (a trace
+    cannot go back to a module input once the module has run).
+    """
     model = ctx.model
     iv = edit.intervention
     picks = token_positions(iv.tokens, batch, token_strings)
+    reads = {} if reads is None else reads
+    key = (edit.layer, edit.site)
     if edit.site.startswith("norm:"):
-        return _apply_gain(edit, ctx, picks)
-    value = read_site(model, edit.layer, edit.site)
-    if not picks:
-        return value
-    rows = torch.tensor([r for r, _ in picks])
-    cols = torch.tensor([p for _, p in picks])
+        if key not in reads:
+            envoy = model.envoy(edit.layer, model.arch.norms[edit.site.split(":", 1)[1]])
+            reads[key] = (envoy.input, envoy.output)
+        return _apply_gain(edit, ctx, picks, reads[key], row_offset, len(batch.n_pad))
+    if key not in reads:
+        reads[key] = read_site(model, edit.layer, edit.site)
+    value = reads[key]
     for i, (row, col) in enumerate(picks):
         dims = edit.dims
+        at = row + row_offset
         if iv.dims.kind == "act_top":
             k = _count(iv.dims, value.shape[-1])
-            dims = value[row, col].detach().abs().topk(k).indices
-        old = value[row, col] if dims is None else value[row, col, dims]
+            dims = value[at, col].detach().abs().topk(k).indices
+        old = value[at, col] if dims is None else value[at, col, dims]
         new = _op_value(iv, old, ctx, edit, batch, i, row, col - batch.n_pad[row], dims)
         if dims is None:
-            value[row, col] = new
+            value[at, col] = new
         else:
-            value[row, col, dims] = new
-    del rows, cols
+            value[at, col, dims] = new
     return value
 
 
@@ -256,7 +267,7 @@ def _source_position(tokens: Tokens, position: int) -> int:
     return 0 if tokens.kind == "first" else position
 
 
-def _apply_gain(edit: ActEdit, ctx: Context, picks) -> torch.Tensor:
+def _apply_gain(edit: ActEdit, ctx: Context, picks, io, row_offset: int = 0, n_rows: int | None = None) -> torch.Tensor:
     """Rewrite a norm's output on the selected dims as if its gain were ``edit.new_gain``.
 
     RMSNorm computes ``gain * x / sqrt(mean(x^2) + eps)``. The edit recomputes the
@@ -265,20 +276,26 @@ def _apply_gain(edit: ActEdit, ctx: Context, picks) -> torch.Tensor:
     """
     model = ctx.model
     role = edit.site.split(":", 1)[1]
-    path = model.arch.norms[role]
-    envoy = model.envoy(edit.layer, path)
-    x = envoy.input
-    out = envoy.output
+    x, out = io
     eps = model.norm_eps(edit.layer, role)
     normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     dims = edit.dims if edit.dims is not None else torch.arange(model.d_model)
     new = (normed[..., dims] * edit.new_gain[dims]).to(out.dtype)
     if edit.intervention.tokens.kind == "all":
-        out[..., dims] = new
+        if row_offset == 0 and (n_rows is None or n_rows == out.shape[0]):
+            out[..., dims] = new
+        else:
+            rows = slice(row_offset, row_offset + n_rows)
+            out[rows, :, dims] = new[rows]
     else:
         for row, col in picks:
-            out[row, col, dims] = new[row, col]
+            out[row + row_offset, col, dims] = new[row + row_offset, col]
     return out
+
+
+def has_weight_ops(condition: Condition) -> bool:
+    """True when the condition edits weights (module or neuron swaps)."""
+    return any(isinstance(iv.op, WEIGHT_OPS) for iv in condition.interventions)
 
 
 @contextlib.contextmanager

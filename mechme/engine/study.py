@@ -2,6 +2,8 @@
 
 For every batch the baseline runs first. Its next-token log-probabilities stay on the
 device for that batch only, and each condition's trace compares against them there.
+Conditions without weight ops share one traced forward pass: the batch is repeated once
+per condition and each condition edits only its own copy of the rows.
 Per condition and prompt the trace returns: the KL divergence KL(baseline || condition)
 of next-token distributions summed over real positions, the next-token loss, the number
 of positions whose top-1 token matches the baseline, the massive statistics of the ME
@@ -22,7 +24,15 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from mechme.engine.compile import Context, apply_edit, compile_condition, validate_condition, weight_edits
+from mechme.engine.compile import (
+    Context,
+    _site_order,
+    apply_edit,
+    compile_condition,
+    has_weight_ops,
+    validate_condition,
+    weight_edits,
+)
 from mechme.engine.scan import ScanSpec, resolve_rows, scan
 from mechme.engine.sites import read_site
 from mechme.engine.text import Batch, make_batches, pad_id
@@ -83,13 +93,19 @@ def run_study(
     progress: bool = True,
     resume: bool = True,
     remote: str | None = None,
+    stack_tokens: int = 4096,
 ) -> StudyResult:
     """Run ``study`` and return its results (also written to ``out`` unless it is None).
 
     Args:
         remote: ``"local"`` runs every trace through nnsight's remote simulation, which
             serialises the trace as NDIF would; an ``ndif:`` model runs on NDIF itself.
+        stack_tokens: conditions without weight ops share one traced forward pass, each
+            on its own copy of the batch, up to this many tokens per pass. 1 runs one
+            condition per pass. Results agree to float rounding either way.
     """
+    if isinstance(stack_tokens, bool) or not isinstance(stack_tokens, int) or stack_tokens < 1:
+        raise SpecError(f"stack_tokens must be a positive number of tokens, got {stack_tokens!r}")
     if out is not None:
         out = runfile.check_writable(out)
     if model is None:
@@ -129,7 +145,7 @@ def run_study(
         part = runfile.load_partial(partial_dir, name) if (partial_dir and resume) else None
         if part is None:
             row_strings = [strings[i] for i in batch.prompt_ids]
-            part = _run_batch(study, ctx, compiled, batch, row_strings, bar)
+            part = _run_batch(study, ctx, compiled, batch, row_strings, bar, stack_tokens)
             if partial_dir is not None:
                 runfile.save_partial(partial_dir, name, part)
         else:
@@ -152,46 +168,96 @@ def run_study(
     return StudyResult(ds, store)
 
 
-def _run_batch(study, ctx, compiled, batch, strings, bar) -> dict[str, np.ndarray]:
-    # TODO: stack activation-only conditions into one trace (rows repeated per condition)
-    # so conditions that share inputs cost one forward pass instead of one each.
-    names = ["baseline", *(c.name for c in study.conditions)]
+def _groups(study: Study, batch: Batch, stack_tokens: int) -> list[list[str]]:
+    """Split the baseline and conditions into groups that share one traced forward pass.
+
+    Conditions without weight ops run on the same inputs, so their rows are stacked in
+    one trace, up to ``stack_tokens`` tokens per trace. A condition that edits weights
+    changes the model for every row, so it runs alone.
+    """
+    per_condition = batch.input_ids.numel()
+    size = max(1, stack_tokens // max(1, per_condition))
+    groups, current = [], ["baseline"]
+    for condition in study.conditions:
+        if has_weight_ops(condition):
+            groups.append([condition.name])
+            continue
+        if len(current) == size:
+            groups.append(current)
+            current = []
+        current.append(condition.name)
+    if current:
+        groups.append(current)
+    # Keep the baseline's group first: the others compare against its log-probs.
+    return sorted(groups, key=lambda g: "baseline" not in g)
+
+
+def _run_batch(study, ctx, compiled, batch, strings, bar, stack_tokens: int = 4096) -> dict[str, np.ndarray]:
     conditions = {c.name: c for c in study.conditions}
     base_logprobs = None
     results = {}
-    for name in names:
-        condition = conditions.get(name, BASELINE)
+    for group in _groups(study, batch, stack_tokens):
+        condition = conditions.get(group[0], BASELINE) if len(group) == 1 else BASELINE
         with weight_edits(condition, ctx):
-            stats, logprobs = trace_condition(study, ctx, compiled[name], batch, strings, base_logprobs)
-        if name == "baseline":
+            stats, logprobs = trace_conditions(study, ctx, [compiled[n] for n in group], batch, strings,
+                                               base_logprobs)
+        if group[0] == "baseline":
             base_logprobs = logprobs
-        results[name] = stats
-        bar.update(1)
+        results.update(zip(group, stats))
+        bar.update(len(group))
     return {f"{name}/{key}": value for name, stats in results.items() for key, value in stats.items()}
 
 
 def trace_condition(study, ctx, edits, batch: Batch, strings, base_logprobs):
     """Run one condition on one batch; return (per-prompt stats, log-probs on the device)."""
+    stats, logprobs = trace_conditions(study, ctx, [edits], batch, strings, base_logprobs)
+    return stats[0], logprobs
+
+
+def _stack(batch: Batch, copies: int) -> Batch:
+    if copies == 1:
+        return batch
+    return Batch(
+        index=batch.index, prompt_ids=batch.prompt_ids * copies, n_pad=batch.n_pad * copies,
+        input_ids=batch.input_ids.repeat(copies, 1), attention_mask=batch.attention_mask.repeat(copies, 1),
+        position_ids=batch.position_ids.repeat(copies, 1),
+    )
+
+
+def trace_conditions(study, ctx, edit_lists, batch: Batch, strings, base_logprobs):
+    """Run several conditions on one batch in one trace, each on its own copy of the rows.
+
+    Condition ``j`` edits rows ``j * B .. (j + 1) * B`` of the stacked input. When
+    ``base_logprobs`` is None the first condition is the reference that the others are
+    compared against (the baseline). Returns (per-condition stats, the first condition's
+    log-probs on the device).
+    """
     import nnsight
 
     model = ctx.model
     me = ctx.me_layer
+    n = len(batch.n_pad)
+    stacked = _stack(batch, len(edit_lists))
     dims = torch.tensor(ctx.massive_dims, dtype=torch.long)
-    real = batch.attention_mask.bool()
+    real = stacked.attention_mask.bool()
     ids = batch.input_ids
     edit_at = {}
-    for edit in edits:
-        edit_at.setdefault(edit.layer, []).append(edit)
+    for j, edits in enumerate(edit_lists):
+        for edit in edits:
+            edit_at.setdefault(edit.layer, []).append((j, edit))
+    for layer in edit_at:
+        edit_at[layer].sort(key=lambda item: _site_order(item[1].site))
     read_layers = [] if me is None else list(range(me, model.n_layers))
     last_layer = max([*edit_at, *read_layers], default=-1)
 
-    with torch.no_grad(), model.lm.trace(batch.model_inputs(), **model.trace_kwargs()):
+    with torch.no_grad(), model.lm.trace(stacked.model_inputs(), **model.trace_kwargs()):
         per_layer = []
         me_stats = None
         for layer in range(last_layer + 1):
             post = None
-            for edit in edit_at.get(layer, []):
-                value = apply_edit(edit, ctx, batch, strings)
+            reads = {}
+            for j, edit in edit_at.get(layer, []):
+                value = apply_edit(edit, ctx, batch, strings, row_offset=j * n, reads=reads)
                 if edit.site == "resid_post":
                     post = value
             if layer in read_layers:
@@ -199,20 +265,26 @@ def trace_condition(study, ctx, edits, batch: Batch, strings, base_logprobs):
                     post = read_site(model, layer, "resid_post")
                 if layer == me:
                     me_stats = massive.reduce_layer(
-                        post, real, batch.n_pad, study.abs_threshold, study.ratio_threshold
+                        post, real, stacked.n_pad, study.abs_threshold, study.ratio_threshold
                     )
                 a = post.detach().float().abs() * real.unsqueeze(-1)
-                per_layer.append(a[..., dims].amax(dim=1))  # [batch, massive_dim]
-        logits = model.lm.output.logits
-        logprobs = torch.log_softmax(logits.detach().float(), dim=-1)
-        stats = _compare(logprobs, base_logprobs, ids, real)
-        if me_stats is not None:
-            stats["me_top"] = me_stats["top_value"][:, 0]
-            stats["me_massive_count"] = me_stats["massive_per_token"].sum(-1)
-        if per_layer:
-            stats["massive_by_layer"] = torch.stack(per_layer, dim=1)  # [batch, layer, massive_dim]
-        saved = nnsight.save({"stats": stats, "logprobs": logprobs})
-    stats = {k: v.cpu().numpy() for k, v in saved["stats"].items()}
+                per_layer.append(a[..., dims].amax(dim=1))  # [rows, massive_dim]
+        logits = model.lm.output.logits.detach()
+        first = torch.log_softmax(logits[:n].float(), dim=-1)
+        base = first if base_logprobs is None else base_logprobs
+        stats = []
+        for j in range(len(edit_lists)):
+            rows = slice(j * n, (j + 1) * n)
+            logprobs = first if j == 0 else torch.log_softmax(logits[rows].float(), dim=-1)
+            one = _compare(logprobs, None if (j == 0 and base_logprobs is None) else base, ids, real[rows])
+            if me_stats is not None:
+                one["me_top"] = me_stats["top_value"][rows, 0]
+                one["me_massive_count"] = me_stats["massive_per_token"][rows].sum(-1)
+            if per_layer:
+                one["massive_by_layer"] = torch.stack([p[rows] for p in per_layer], dim=1)  # [batch, layer, dim]
+            stats.append(one)
+        saved = nnsight.save({"stats": stats, "logprobs": first})
+    stats = [{k: v.cpu().numpy() for k, v in one.items()} for one in saved["stats"]]
     return stats, saved["logprobs"]
 
 
