@@ -23,7 +23,8 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
         summaries[ref] = summary
         if summary.get("store"):
             stores.append(Path(summary["store"]))
-        figures += [Path(f) for f in summary.get("figures", [])]
+        if summary.get("figure"):
+            figures.append(Path(summary["figure"]))
         for name in ("baseline", "remove-massive", "wemask"):
             s = summary if name == "baseline" else summary["conditions"][name]
             after = s.get("sink_rate_after_me_layer")

@@ -6,10 +6,14 @@ Python file that defines ``analysis(out, remote=None) -> Finding``, and `mechme 
 runs it like a study file. ``mechme findings FILE... --out PATH`` runs
 several and writes one markdown page with, for each finding, the paper's claim, what was
 measured, the verdict and its reason, the figure, and the command that regenerates it.
+Each finding is also kept as JSON next to the page, so rerunning one analysis updates
+its section and leaves the others as they were.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +73,46 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _record_dir(page: Path) -> Path:
+    return page.parent / f"{page.stem}-records"
+
+
+def _save_record(path: Path, finding: Finding, page: Path) -> None:
+    """Keep one finding as JSON next to the page, so the page can be rebuilt without rerunning it."""
+    records = _record_dir(page)
+    records.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in dataclasses.asdict(finding).items() if k not in ("figures", "stores")}
+    for key in ("figures", "stores"):
+        data[key] = [os.path.relpath(Path(p).resolve(), page.parent.resolve()) for p in getattr(finding, key)]
+    data["source"] = str(path)
+    target = records / f"{Path(path).stem}.json"
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(target)
+
+
+def _load_records(page: Path) -> list[tuple[str, Finding]]:
+    out = []
+    for record in sorted(_record_dir(page).glob("*.json")):
+        data = json.loads(record.read_text(encoding="utf-8"))
+        source = data.pop("source")
+        for key in ("figures", "stores"):
+            data[key] = [page.parent / p for p in data[key]]
+        out.append((source, Finding(**data)))
+    return out
+
+
 def write_findings(results: list[tuple[Path, Finding]], out: str | Path) -> Path:
-    """Write the findings page; figure links are relative to the page."""
+    """Record each finding and rewrite the page from every recorded one.
+
+    The findings are kept as JSON in ``<page>-records/`` (one file per analysis), so
+    running one analysis again replaces its section and keeps the others. Figure links
+    are relative to the page.
+    """
     out = Path(out)
+    for path, finding in results:
+        _save_record(Path(path), finding, out)
+    recorded = _load_records(out)
     lines = [
         "# Findings",
         "",
@@ -83,8 +124,8 @@ def write_findings(results: list[tuple[Path, Finding]], out: str | Path) -> Path
         "| finding | verdict |",
         "|---|---|",
     ]
-    lines += [f"| {f.title} | {f.verdict} |" for _, f in results]
-    for path, finding in results:
+    lines += [f"| {f.title} | {f.verdict} |" for _, f in recorded]
+    for path, finding in recorded:
         lines += ["", f"## {finding.title}", "", f"**Paper's claim.** {finding.claim}", "",
                   f"**Measured.** {finding.measured}", ""]
         if finding.table:
