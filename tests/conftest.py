@@ -35,3 +35,13 @@ def planted_llama():
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def planted_folder(tmp_path_factory):
+    """A saved tiny llama with a massive activation planted at layer 2, dim 17."""
+    folder = tmp_path_factory.mktemp("planted-llama")
+    model = tiny_model("llama", plant=Plant(layer=2, dim=17))
+    model.model.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return folder

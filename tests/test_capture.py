@@ -492,15 +492,6 @@ def run_command(argv):
     return cli_capture.COMMANDS[args.command](args)
 
 
-@pytest.fixture(scope="module")
-def planted_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("planted-llama")
-    model = tiny_model("llama", plant=Plant(layer=2, dim=17))
-    model.model.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_json_output(planted_folder, tmp_path, capsys):
     code = run_command([
         "capture", "--model", str(planted_folder), "--site", "resid_post", "--site", "mlp_out",

@@ -6,16 +6,6 @@ import sys
 
 import pytest
 
-from mechme.models.tiny import Plant, tiny_model
-
-
-@pytest.fixture(scope="module")
-def planted_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("planted-llama")
-    model = tiny_model("llama", plant=Plant(layer=2, dim=17))
-    model.model.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run_cli(*args, cwd=None):

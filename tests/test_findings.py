@@ -9,7 +9,6 @@ import textwrap
 import pytest
 
 from mechme.findings import Finding, write_findings
-from mechme.models.tiny import Plant, tiny_model
 
 ANALYSIS = '''
 import os
@@ -27,15 +26,6 @@ def analysis(out, remote=None):
                    reason="The scan finds the planted layer." if layer == {expected} else "It does not.",
                    figures=[result.figure], stores=[result.store])
 '''
-
-
-@pytest.fixture(scope="module")
-def planted_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("planted")
-    model = tiny_model("llama", plant=Plant(layer=2, dim=17))
-    model.model.save_pretrained(folder)
-    model.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_findings_command_runs_analyses_and_updates_one(tmp_path, planted_folder):
