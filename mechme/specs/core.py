@@ -225,7 +225,8 @@ class Intervention:
     """An edit: ``op`` applied at ``site`` of each of ``layers``, at ``tokens`` and ``dims``.
 
     ``when`` is ``"prefill"`` (the prompt's forward pass only) or ``"every_step"`` (also
-    every generated token); scoring studies run prefill passes only.
+    every generated token). Studies score prefill passes; `mechme.engine.generate`
+    generates text under a condition and honours both.
     """
 
     site: str
