@@ -85,7 +85,7 @@ def run_hooks(model, batches, conds):
 
 
 def run_mechme(model, batches, conds, strings, stack_tokens=4096):
-    """The study engine's per-batch path: baseline, then the conditions, stacked per trace."""
+    """Run the study engine's per-batch path: the baseline, then the conditions, stacked per trace."""
     study = Study(name="bench", conditions=tuple(conds))
     ctx = Context(model=model, me_layer=ME, massive_dims=(507, 247))
     compiled = {c.name: compile_condition(c, ctx) for c in (BASELINE, *conds)}

@@ -211,10 +211,9 @@ def apply_edit(edit: ActEdit, ctx: Context, batch: Batch, token_strings: list[li
                row_offset: int = 0, reads: dict | None = None) -> torch.Tensor:
     """Apply one activation edit inside an active trace; return the edited site value.
 
-    ``row_offset`` places ``batch`` at rows ``row_offset ..`` of a trace that stacks
-    several copies of it (one per condition); only those rows are edited. Edits of
-    several conditions at one site share ``reads``, so the site is read once (a trace
-    cannot go back to a module input once the module has run).
+    ``row_offset`` places ``batch`` at rows ``row_offset ..`` of a trace that stacks one
+    copy of it per condition, and only those rows are edited. Edits of several
+    conditions at one site share ``reads``, so the site is read once.
     """
     model = ctx.model
     iv = edit.intervention
@@ -294,7 +293,7 @@ def _apply_gain(edit: ActEdit, ctx: Context, picks, io, row_offset: int = 0, n_r
 
 
 def has_weight_ops(condition: Condition) -> bool:
-    """True when the condition edits weights (module or neuron swaps)."""
+    """Return whether the condition edits weights (module or neuron swaps)."""
     return any(isinstance(iv.op, WEIGHT_OPS) for iv in condition.interventions)
 
 

@@ -70,10 +70,10 @@ SUFFIX = " Give the result as your final answer. Do not include units."
 
 
 def training_examples(n: int, seed: int) -> list[dict]:
-    """Generate ``n`` GSM8K-style problems with worked answers (reasoning-gym gsm_symbolic).
+    """Generate ``n`` GSM8K-style problems with worked solutions (reasoning-gym gsm_symbolic).
 
-    Each example has ``text`` (the training string), ``question`` and ``template`` (the
-    generator's number; each generator rewrites one GSM8K test question).
+    Each example has ``text`` (the training string), ``question`` and ``template``, the
+    number of the generator that wrote it. Each generator rewrites one GSM8K test question.
     """
     try:
         import reasoning_gym
@@ -100,10 +100,11 @@ def template_sources(examples: list[dict], *, threshold: float = 0.5) -> list[st
     """Return the ids of the GSM8K test questions the training templates were written from.
 
     reasoning-gym does not record which GSM8K question a template rewrites, so this finds
-    it by wording: for each template, the test question whose word set (words of three or
-    more letters, numbers dropped) has the highest Jaccard similarity with up to three of
-    its instances, plus any question at or above ``threshold``. On reasoning-gym 0.1.25
-    the best match of every template scores 0.44 to 0.95 and the second best at most 0.43.
+    it by wording. A question's words are those of three or more letters, without numbers.
+    For each template, the match is the test question with the highest Jaccard similarity
+    to up to three of its instances, plus any question scoring ``threshold`` or more. On
+    reasoning-gym 0.1.25 (seed 0, 1,000 problems, 85 templates) the best match of every
+    template scores 0.44 to 0.95 and the second best at most 0.43.
     """
     from mechme.evaluation.data import read_gsm8k
 

@@ -85,7 +85,7 @@ class WeMaskSpec:
         return dataclasses.asdict(self)
 
     def to_string(self) -> str:
-        """The ``key=value,...`` form that `parse_spec` reads back (defaults left out)."""
+        """Write the spec as ``key=value,...``, which `parse_spec` reads back (defaults left out)."""
         defaults = WeMaskSpec(k=1)
         parts = []
         for field in dataclasses.fields(self):

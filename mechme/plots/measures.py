@@ -119,7 +119,7 @@ def plot_sinks(ds: xr.Dataset, path: str | Path) -> Path:
 
 
 def plot_mitigation(results: dict[str, dict], path: str | Path) -> Path:
-    """Bar chart of task scores per variant with 95% bootstrap intervals.
+    """Draw a bar chart of task scores per variant with 95% bootstrap intervals.
 
     ``results`` maps a task to ``{"metric": name, variant: {"score", "ci95"}, ...}``;
     tasks whose metric is not a 0-1 rate (perplexity) are left out.
