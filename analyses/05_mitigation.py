@@ -76,7 +76,7 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
     for name, wemask in (("finetuned", None), ("finetuned+wemask", spec.to_string())):
         _log(start, f"fine-tuning ({name})")
         summaries[name] = finetune(load_model(MODEL), FinetuneSpec(**{**FINETUNE.__dict__, "wemask": wemask}),
-                                   out=FINETUNE_DIR, progress=False)
+                                   out=FINETUNE_DIR, progress=False, reuse=True)
     plain, masked = (load_model(summaries[n]["saved"]) for n in ("finetuned", "finetuned+wemask"))
     masked_hooks = WeMask(masked, spec)
     for task in SIZES:

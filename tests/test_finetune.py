@@ -7,6 +7,7 @@ import torch
 
 from mechme.errors import SpecError
 from mechme.mitigation.finetune import FinetuneSpec, finetune, template_sources, training_examples
+from mechme.mitigation.wemask import parse_spec
 from mechme.models import load_model
 from mechme.models.tiny import Plant, tiny_model
 
@@ -36,7 +37,8 @@ def test_template_sources_find_the_rewritten_gsm8k_questions():
         assert best in excluded, (example["template"], best, sims[best])
 
 
-@pytest.mark.parametrize("wemask", [None, "dims=gain,k=4,me_layer=1"])
+@pytest.mark.parametrize("wemask", [None, "dims=gain,k=4,me_layer=1", "dims=activation,k=2,gamma=0.5,me_layer=1",
+                                    "dims=activation,k=2,token=released,gamma=0.5,me_layer=1"])
 def test_finetune_changes_weights_and_saves(tmp_path, wemask):
     model = tiny_model("llama", plant=Plant(layer=1, dim=17))
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -50,7 +52,7 @@ def test_finetune_changes_weights_and_saves(tmp_path, wemask):
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(ids).logits, model.model(ids).logits)
     record = json.loads((tmp_path / summary["saved"].split("/")[-1] / "mechme-finetune.json").read_text())
-    assert record["wemask"] == (None if wemask is None else "dims=gain, k=4, layers=after_me, gamma=1, token=massive")
+    assert record["wemask"] == (None if wemask is None else parse_spec(wemask).describe())
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
@@ -69,3 +71,11 @@ def test_bad_finetune_options():
         FinetuneSpec(steps=0)
     with pytest.raises(SpecError, match="lr must be positive"):
         FinetuneSpec(lr=0.0)
+
+
+def test_finetune_reuses_a_saved_run(tmp_path):
+    spec = FinetuneSpec(steps=2, batch_size=2, seq_len=32, lr=1e-3, warmup=1, n_examples=4)
+    first = finetune(tiny_model("llama"), spec, out=tmp_path, progress=False, reuse=True)
+    again = finetune(tiny_model("llama"), spec, out=tmp_path, progress=False, reuse=True)
+    assert again["reused"] and "reused" not in first
+    assert again["saved"] == first["saved"] and again["losses"] == first["losses"]

@@ -344,7 +344,7 @@ def select_items(items: list[dict], limit: int | None, seed: int, *, task: str, 
 
 def evaluate(model, task: str, *, limit: int | None = None, seed: int = 0, intervention=None,
              split: str | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
-             progress: bool = True, out: str | Path | None = "runs", exclude=()) -> dict:
+             progress: bool = True, out: str | Path | None = "runs", exclude=(), resume: bool = True) -> dict:
     """Evaluate a model on a task, and again under an intervention on the same items.
 
     Args:
@@ -361,6 +361,8 @@ def evaluate(model, task: str, *, limit: int | None = None, seed: int = 0, inter
         out: folder for the run file and markdown table; None writes nothing.
         exclude: item ids to leave out before drawing (for example the GSM8K questions a
             fine-tune's training problems were written from).
+        resume: return the stored result when ``out`` already holds a run file of the
+            same evaluation (same model weights, items, options and intervention).
 
     Returns:
         A dict with ``task``, ``split``, ``n``, ``metric``, ``score``, ``ci95``, every
@@ -400,6 +402,11 @@ def evaluate(model, task: str, *, limit: int | None = None, seed: int = 0, inter
     exclude = set(exclude)
     items = [item for item in spec_task.read(split, model) if item["id"] not in exclude]
     items = select_items(items, limit, seed, task=task, split=split)
+
+    stored = _stored_result(spec_task, model, items, intervention, split, seed, limit, max_new_tokens,
+                            batch_size, out) if (out is not None and resume) else None
+    if stored is not None:
+        return stored
 
     started = time.time()
     conditions = {"baseline": _run_condition(spec_task, model, items, None, batch_size, max_new_tokens, progress)}
@@ -488,19 +495,44 @@ def describe_intervention(intervention) -> dict | None:
     return json.loads(json.dumps(description, default=str))
 
 
+def _run_spec(task: Task, loaded, items, *, split, seed, limit, max_new_tokens, batch_size, intervention) -> dict:
+    """Return what identifies an evaluation: its hash names the run file."""
+    ids = [str(item["id"]) for item in items]
+    return {
+        "kind": "eval", "task": task.name, "split": split, "limit": limit,
+        "seed": seed, "items_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "model": loaded.ref, "weights_sha256": loaded.weights_sha256 or "",
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "intervention": intervention,
+    }
+
+
+def _stored_result(task: Task, loaded, items, intervention, split, seed, limit, max_new_tokens, batch_size,
+                   out) -> dict | None:
+    """Return the result kept in a finished run file of this same evaluation, or None."""
+    from mechme.store.runfile import open_run, spec_hash, stored_hash
+
+    spec = _run_spec(task, loaded, items, split=split, seed=seed, limit=limit, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, intervention=describe_intervention(intervention))
+    stem = f"eval-{task.name}-{spec_hash(spec)[:12]}"
+    path = Path(out) / f"{stem}.h5"
+    if not path.exists() or stored_hash(path) != spec_hash(spec):
+        return None
+    with open_run(path) as ds:
+        result = json.loads(ds.attrs["mechme_summary"])
+    result.update(run_file=str(path), table_file=str(path.with_suffix(".md")), reused=True)
+    return result
+
+
 def _write(result: dict, task: Task, loaded, items, conditions: dict, batch_size: int, out) -> tuple[str, str]:
     import xarray as xr
 
     from mechme.store.runfile import spec_hash, write_run
 
     ids = [str(item["id"]) for item in items]
-    spec = {
-        "kind": "eval", "task": task.name, "split": result["split"], "limit": result["limit"],
-        "seed": result["seed"], "items_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-        "model": loaded.ref, "weights_sha256": loaded.weights_sha256 or "",
-        "max_new_tokens": result["max_new_tokens"], "batch_size": batch_size,
-        "intervention": result["intervention"],
-    }
+    spec = _run_spec(task, loaded, items, split=result["split"], seed=result["seed"], limit=result["limit"],
+                     max_new_tokens=result["max_new_tokens"], batch_size=batch_size,
+                     intervention=result["intervention"])
     names = list(conditions)
     variables = {}
     for key in conditions["baseline"]:

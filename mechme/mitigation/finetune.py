@@ -125,10 +125,13 @@ def template_sources(examples: list[dict], *, threshold: float = 0.5) -> list[st
     return sorted((tests[i]["id"] for i in found), key=lambda x: int(x.rsplit("-", 1)[1]))
 
 
-def finetune(model: LoadedModel, spec: FinetuneSpec, *, out: str | Path = "runs", progress: bool = True) -> dict:
+def finetune(model: LoadedModel, spec: FinetuneSpec, *, out: str | Path = "runs", progress: bool = True,
+             reuse: bool = False) -> dict:
     """Train ``model`` in place (full fine-tuning) and save it; return a summary.
 
-    The saved folder loads with `mechme.models.load_model` like any model folder.
+    The saved folder loads with `mechme.models.load_model` like any model folder. With
+    ``reuse``, a folder already saved for the same model weights and spec is returned
+    without training, and ``model`` is left unchanged (load the folder instead).
     """
     from mechme.mitigation.wemask import parse_wemask
 
@@ -141,6 +144,8 @@ def finetune(model: LoadedModel, spec: FinetuneSpec, *, out: str | Path = "runs"
     identity = {**dataclasses.asdict(spec), "model": model.ref, "weights_sha256": model.weights_sha256}
     digest = runfile.spec_hash(identity)[:12]
     target = out / f"finetune-{digest}"
+    if reuse and (target / "mechme-finetune.json").is_file():
+        return {**json.loads((target / "mechme-finetune.json").read_text()), "reused": True}
 
     mask = parse_wemask(spec.wemask, model) if spec.wemask else None
     hf = model.model

@@ -263,20 +263,20 @@ class WeMask:
             cols = torch.zeros(batch, dtype=torch.long, device=output.device)
         else:
             cols = self._first.to(output.device)
-        keep = 1.0 - spec.gamma
         out = output.clone()
         state = out[rows, cols]  # [batch, dim]
+        # The mask multiplies the state by a scale tensor instead of writing into it, so
+        # training can backpropagate through the ranking's abs().
+        scale = torch.ones_like(state)
+        keep = 1.0 - spec.gamma
         if self.static_dims is not None:
-            dims = self.static_dims.to(output.device)
-            state[:, dims] = state[:, dims] * keep
+            scale[:, self.static_dims.to(output.device)] = keep
         elif spec.token == "released":
             # The released code ranks by |h[:, 0]| averaged over the batch.
-            dims = state.abs().mean(0).topk(self.k).indices
-            state[:, dims] = state[:, dims] * keep
+            scale[:, state.detach().abs().mean(0).topk(self.k).indices] = keep
         else:
-            idx = state.abs().topk(self.k, dim=-1).indices
-            state.scatter_(1, idx, state.gather(1, idx) * keep)
-        out[rows, cols] = state
+            scale.scatter_(1, state.detach().abs().topk(self.k, dim=-1).indices, keep)
+        out[rows, cols] = state * scale
         return out
 
 
