@@ -65,11 +65,19 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
                         out=out, progress=False, max_new_tokens=MAX_NEW_TOKENS.get(task),
                         exclude=overlap if task == "gsm8k" else ())
 
+    # GSM8K accuracy is near 0 at 135M, so the reference solution's log-likelihood per
+    # token gets its own row: it moves when accuracy cannot.
+    extra = {"gsm8k": ("gsm8k gold solution", "gold_loglik_per_token")}
     results = {}
     for task in SIZES:
         r = run(model, task, mask)
         results[task] = {"metric": r["metric"], "n": r["n"], "p": r["paired_p"],
                          "baseline": _entry(r, "baseline_score", "baseline_ci95"), "wemask": _entry(r)}
+        if task in extra:
+            row, metric = extra[task]
+            m = r["metrics"][metric]
+            results[row] = {"metric": metric, "n": r["n"], "p": m["paired_p"],
+                            "baseline": _entry(m, "baseline_score", "baseline_ci95"), "wemask": _entry(m)}
 
     # Fine-tuning with and without the mask: same data, seed and steps.
     summaries = {}
@@ -80,10 +88,15 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
     plain, masked = (load_model(summaries[n]["saved"]) for n in ("finetuned", "finetuned+wemask"))
     masked_hooks = WeMask(masked, spec)
     for task in SIZES:
-        results[task]["finetuned"] = _entry(run(plain, task))
-        r = run(masked, task, masked_hooks)
-        results[task]["finetuned+wemask"] = _entry(r)
-        results[task]["finetuned+wemask unmasked"] = _entry(r, "baseline_score", "baseline_ci95")
+        plain_result, masked_result = run(plain, task), run(masked, task, masked_hooks)
+        rows = [(task, plain_result, masked_result)]
+        if task in extra:
+            row, metric = extra[task]
+            rows.append((row, plain_result["metrics"][metric], masked_result["metrics"][metric]))
+        for row, plain_r, masked_r in rows:
+            results[row]["finetuned"] = _entry(plain_r)
+            results[row]["finetuned+wemask"] = _entry(masked_r)
+            results[row]["finetuned+wemask unmasked"] = _entry(masked_r, "baseline_score", "baseline_ci95")
 
     _log(start, "sink rate")
     _, sinks = measure_sinks(model, conditions=[mask.as_condition("wemask")], out=out, progress=False)
@@ -102,7 +115,8 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
     table = markdown_table(["task", "metric", "n (test)", "baseline", "WeMask, no training", "paired p",
                             "fine-tuned, no mask", "fine-tuned with mask (masked at test)"], rows)
     ft, ftm = summaries["finetuned"], summaries["finetuned+wemask"]
-    table += (f"\n\nBrackets: 95% bootstrap intervals. Perplexity: lower is better. "
+    table += (f"\n\nBrackets: 95% bootstrap intervals. Perplexity: lower is better. The gold solution row is the "
+              f"mean log-likelihood per token of GSM8K's reference solutions (higher is better). "
               f"Sink rate (SmolLM2, bundled text): {sinks['sink_rate']:.1f}% without the mask, "
               f"{sinks['conditions']['wemask']['sink_rate']:.1f}% with it. Fine-tuning: {FINETUNE.steps} steps of "
               f"{FINETUNE.batch_size} GSM8K-style problems from reasoning-gym ({ft['tokens']} tokens, lr {FINETUNE.lr}), "
@@ -112,7 +126,7 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
               f"test questions the training templates were written from.")
 
     def higher(task, a, b):
-        sign = -1 if results[task]["metric"] == "perplexity" else 1
+        sign = -1 if results[task]["metric"] == "perplexity" else 1  # lower perplexity is better
         return sign * (results[task][a]["score"] - results[task][b]["score"]) > 0
 
     significant = [t for t, r in results.items() if r["p"] < 0.05]

@@ -336,7 +336,7 @@ def test_stacked_conditions_match_one_trace_each():
     model = tiny_model("llama", plant=Plant(layer=2, dim=17))
     study = _all_op_study()
     one_each = run_study(study, model=model, out=None, progress=False, stack_tokens=1).dataset
-    stacked = run_study(study, model=model, out=None, progress=False).dataset
+    stacked = run_study(study, model=model, out=None, progress=False, stack_tokens=4096).dataset
     for name in ("kl_sum", "nll_sum", "me_top", "massive_by_layer"):
         np.testing.assert_allclose(stacked[name].values, one_each[name].values, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(stacked.agree_sum.values, one_each.agree_sum.values)

@@ -93,7 +93,7 @@ def run_study(
     progress: bool = True,
     resume: bool = True,
     remote: str | None = None,
-    stack_tokens: int = 4096,
+    stack_tokens: int | None = None,
 ) -> StudyResult:
     """Run ``study`` and return its results (also written to ``out`` unless it is None).
 
@@ -101,17 +101,21 @@ def run_study(
         remote: ``"local"`` runs every trace through nnsight's remote simulation, which
             serialises the trace as NDIF would; an ``ndif:`` model runs on NDIF itself.
         stack_tokens: conditions without weight ops share one traced forward pass, each
-            on its own copy of the batch, up to this many tokens per pass. 1 runs one
-            condition per pass. Results agree to float rounding either way.
+            on its own copy of the batch, up to this many tokens per pass; 1 runs one
+            condition per pass. Results agree to float rounding either way. None picks
+            `default_stack_tokens` for the model.
     """
-    if isinstance(stack_tokens, bool) or not isinstance(stack_tokens, int) or stack_tokens < 1:
-        raise SpecError(f"stack_tokens must be a positive number of tokens, got {stack_tokens!r}")
+    if stack_tokens is not None and (isinstance(stack_tokens, bool) or not isinstance(stack_tokens, int)
+                                     or stack_tokens < 1):
+        raise SpecError(f"stack_tokens must be a positive number of tokens or None, got {stack_tokens!r}")
     if out is not None:
         out = runfile.check_writable(out)
     if model is None:
         model = load_model(study.model, dtype=study.dtype, remote=remote)
     elif remote is not None:
         model = dataclasses.replace(model, remote=remote, _lm=model._lm)
+    if stack_tokens is None:
+        stack_tokens = default_stack_tokens(model)
 
     verdict = _study_scan(study, model, out)
     ctx = Context(model=model, me_layer=verdict["me_layer"], massive_dims=tuple(verdict["massive_dims"][:4]))
@@ -168,6 +172,24 @@ def run_study(
     return StudyResult(ds, store)
 
 
+STACK_TOKENS = 4096
+
+
+def default_stack_tokens(model: LoadedModel) -> int:
+    """Return how many tokens one traced pass may stack for ``model``.
+
+    A remote model stacks up to `STACK_TOKENS` tokens, because each trace is one request.
+    So does a model on an accelerator, which a larger batch keeps busy. On a CPU each
+    condition gets its own pass: on 2 cores, stacking 8 conditions of SmolLM2 took 1.13x
+    the time of plain torch hooks against 1.04x for one pass each
+    (benchmarks/bench_study.py). The stacked pass moves far larger tensors: its logits
+    alone take 0.8 GB at 4,096 tokens.
+    """
+    if model.remote is not None or model.device.type != "cpu":
+        return STACK_TOKENS
+    return 1
+
+
 def _groups(study: Study, batch: Batch, stack_tokens: int) -> list[list[str]]:
     """Split the baseline and conditions into groups that share one traced forward pass.
 
@@ -192,7 +214,7 @@ def _groups(study: Study, batch: Batch, stack_tokens: int) -> list[list[str]]:
     return sorted(groups, key=lambda g: "baseline" not in g)
 
 
-def _run_batch(study, ctx, compiled, batch, strings, bar, stack_tokens: int = 4096) -> dict[str, np.ndarray]:
+def _run_batch(study, ctx, compiled, batch, strings, bar, stack_tokens: int = STACK_TOKENS) -> dict[str, np.ndarray]:
     conditions = {c.name: c for c in study.conditions}
     base_logprobs = None
     results = {}

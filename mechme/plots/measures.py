@@ -122,12 +122,12 @@ def plot_mitigation(results: dict[str, dict], path: str | Path) -> Path:
     """Draw a bar chart of task scores per variant with 95% bootstrap intervals.
 
     ``results`` maps a task to ``{"metric": name, variant: {"score", "ci95"}, ...}``;
-    tasks whose metric is not a 0-1 rate (perplexity) are left out.
+    rows whose metric is not a 0-1 rate (perplexity, log-likelihoods) are left out.
     """
     plt = _pyplot()
     variants = ("baseline", "wemask", "finetuned", "finetuned+wemask")
     labels = ("baseline", "WeMask, no training", "fine-tuned", "fine-tuned with WeMask")
-    tasks = [t for t, r in results.items() if r["metric"] != "perplexity"]
+    tasks = [t for t, r in results.items() if r["metric"] != "perplexity" and "loglik" not in r["metric"]]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks)), 3.6))
     width = 0.8 / len(variants)
     x = np.arange(len(tasks))
