@@ -36,7 +36,7 @@ bench: $(STAMP)
 
 # Reruns every analysis on the bundled models and regenerates docs/findings.md.
 findings: $(STAMP)
-	$(BIN)/mechme findings analyses/0*.py --out docs/findings.md --runs runs/findings
+	$(BIN)/mechme findings analyses/0*.py --out docs/findings.md --runs docs/findings/runs
 
 clean-venv:
 	rm -rf $(VENV)
