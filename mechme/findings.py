@@ -77,17 +77,22 @@ def _record_dir(page: Path) -> Path:
     return page.parent / f"{page.stem}-records"
 
 
-def _save_record(path: Path, finding: Finding, page: Path) -> None:
-    """Keep one finding as JSON next to the page, so the page can be rebuilt without rerunning it."""
-    records = _record_dir(page)
-    records.mkdir(parents=True, exist_ok=True)
+def _record(path: Path, finding: Finding, page: Path) -> str:
+    """Serialise one finding, with paths relative to the page, as JSON text."""
     data = {k: v for k, v in dataclasses.asdict(finding).items() if k not in ("figures", "stores")}
     for key in ("figures", "stores"):
         data[key] = [os.path.relpath(Path(p).resolve(), page.parent.resolve()) for p in getattr(finding, key)]
     data["source"] = str(path)
+    return json.dumps(data, indent=1) + "\n"
+
+
+def _save_record(path: Path, text: str, page: Path) -> None:
+    """Keep one finding next to the page, so the page can be rebuilt without rerunning it."""
+    records = _record_dir(page)
+    records.mkdir(parents=True, exist_ok=True)
     target = records / f"{Path(path).stem}.json"
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(target)
 
 
@@ -110,8 +115,10 @@ def write_findings(results: list[tuple[Path, Finding]], out: str | Path) -> Path
     are relative to the page.
     """
     out = Path(out)
-    for path, finding in results:
-        _save_record(Path(path), finding, out)
+    # Serialise every finding before writing any, so a bad one changes nothing.
+    texts = [(Path(path), _record(Path(path), finding, out)) for path, finding in results]
+    for path, text in texts:
+        _save_record(path, text, out)
     recorded = _load_records(out)
     lines = [
         "# Findings",

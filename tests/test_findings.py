@@ -60,9 +60,10 @@ def test_findings_command_runs_analyses_and_updates_one(tmp_path, planted_folder
 def test_findings_page_is_complete_or_untouched(tmp_path):
     page = tmp_path / "findings.md"
     page.write_text("old page")
+    good = Finding(title="t", claim="c", measured="m", verdict="holds", reason="r")
     bad = Finding(title="t", claim="c", measured="m", verdict="holds", reason="r")
     bad.figures = [object()]  # not a path: the record cannot be written
     with pytest.raises(TypeError):
-        write_findings([(tmp_path / "a.py", bad)], page)
+        write_findings([(tmp_path / "a.py", good), (tmp_path / "b.py", bad)], page)
     assert page.read_text() == "old page"
     assert not list((tmp_path / "findings-records").glob("*.json"))
