@@ -43,15 +43,18 @@ def test_findings_command_runs_analyses_and_updates_one(tmp_path, planted_folder
         return page.read_text()
 
     text = findings("a_first.py", "b_second.py")
-    assert "| First | holds |" in text and "| Second | does not hold |" in text
+    assert "| First | holds |" in text
+    assert "| Second | does not hold |" in text
     assert text.count("**Measured.** ME Layer 2.") == 2
     figure = text.split("](", 1)[1].split(")", 1)[0]
-    assert figure.startswith("runs/scan-") and (page.parent / figure).is_file()
+    assert figure.startswith("runs/scan-")
+    assert (page.parent / figure).is_file()
 
     # Rerunning one analysis rewrites its section and keeps the other's.
     (tmp_path / "b_second.py").write_text(textwrap.dedent(ANALYSIS.format(title="Second", expected=2)))
     text = findings("b_second.py")
-    assert "| First | holds |" in text and "| Second | holds |" in text
+    assert "| First | holds |" in text
+    assert "| Second | holds |" in text
     records = sorted(p.name for p in (page.parent / "findings-records").iterdir())
     assert records == ["a_first.json", "b_second.json"]
     assert json.loads((page.parent / "findings-records" / "a_first.json").read_text())["source"] == "a_first.py"

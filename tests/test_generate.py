@@ -70,7 +70,7 @@ def test_prefill_and_every_step_differ(model):
     assert prefill != generate(model, PROMPTS, max_new_tokens=NEW)
 
 
-def test_first_token_edit_at_every_step_hits_the_new_token(model):
+def test_every_step_first_token_is_new_token(model):
     def zero_first(output):
         output = output.clone()
         output[:, 0] = 0

@@ -1,4 +1,4 @@
-"""Greedy generation under a condition, with each intervention applied when its spec says.
+"""Greedy generation under a condition, with each intervention applied at the steps its spec names.
 
 An intervention with ``when="prefill"`` edits the prompt's forward pass only: under the KV
 cache its edited keys and values are reused, and generated tokens are left alone. One
