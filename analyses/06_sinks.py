@@ -1,10 +1,15 @@
-"""Sinks: WeMask, and removing the massive activation, weaken attention sinks."""
+"""Sinks: WeMask, and removing the massive activation, weaken attention sinks.
+
+WeMask here is the fixed `FALLBACK` setting (dims=activation, k=2, the layers after the
+ME Layer, gamma 1, the massive token), not the model's recorded `--wemask default`: that
+one changes whenever a sweep runs, and the finding must not depend on the machine's cache.
+"""
 
 from pathlib import Path
 
 from mechme.findings import Finding, markdown_table, verdict_for
 from mechme.measures.sinks import measure_sinks
-from mechme.mitigation.wemask import WeMask, default_spec
+from mechme.mitigation.wemask import FALLBACK, WeMask
 from mechme.models import load_model
 from mechme.specs import Condition, Intervention, Tokens, Zero
 
@@ -13,7 +18,7 @@ def analysis(out: Path, remote: str | None = None) -> Finding:
     rows, stores, figures, summaries = [], [], [], {}
     for ref in ("smollm2-135m", "gemma3-270m"):
         model = load_model(ref, remote=remote)
-        mask = WeMask(model, default_spec(ref)[0])
+        mask = WeMask(model, FALLBACK)
         conditions = [
             Condition(name="remove-massive", interventions=(
                 Intervention(site="mlp_out", layers=(mask.me_layer,), op=Zero(), tokens=Tokens.first()),)),
