@@ -63,6 +63,10 @@ def load_analysis(path: str | Path):
     """Return the ``analysis`` function defined by a Python file, or None."""
     import runpy
 
+    from mechme.errors import SpecError
+
+    if not Path(path).is_file():
+        raise SpecError(f"study or analysis file {str(path)!r} not found; pass the path of a Python file")
     namespace = runpy.run_path(str(path), run_name="mechme_analysis")
     return namespace.get("analysis")
 

@@ -10,7 +10,8 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
         cells.append([_fmt(row.get(key), spec) for key, _, spec in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    # An unlabelled column (such as a row marker) gets no rule.
+    lines.insert(1, "  ".join(("-" if header else " ") * w for (_, header, _), w in zip(columns, widths)).rstrip())
     return "\n".join(lines)
 
 

@@ -51,3 +51,10 @@ def test_scan_bad_input_exit_code(args, message, tmp_path, planted_folder):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not list((tmp_path / "runs").glob("*.h5")) if (tmp_path / "runs").exists() else True
+
+
+def test_run_missing_study_file(tmp_path):
+    proc = run_cli("run", str(tmp_path / "no_such_study.py"))
+    assert proc.returncode == 2
+    assert "no_such_study.py' not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

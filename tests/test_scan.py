@@ -202,3 +202,18 @@ def test_text_file_chunks_and_max_tokens(planted_llama, tmp_path):
     assert lengths.sum() == 200
     assert lengths.max() == 64
     assert (result.dataset.token.values[:, 0] == "<s>").all()
+
+
+def test_scan_accepts_a_model_reference(planted_folder, tmp_path):
+    result = scan(model=str(planted_folder), out=tmp_path, progress=False, max_tokens=64, seq_len=32)
+    assert result.verdict["me_layer"] == 2
+    assert "median prompt's top-1" in result.verdict["text"]
+    assert (result.store.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

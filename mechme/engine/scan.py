@@ -214,7 +214,7 @@ def _stack(saved: dict, batch: Batch, d_model: int) -> dict[str, np.ndarray]:
 def scan(
     spec: ScanSpec | None = None,
     *,
-    model: LoadedModel | None = None,
+    model: LoadedModel | str | None = None,
     out: str | Path | None = "runs",
     progress: bool = True,
     resume: bool = True,
@@ -224,7 +224,9 @@ def scan(
 
     Args:
         spec: what to scan; keyword ``options`` build one when it is None.
-        model: an already loaded model (must match ``spec.model``); loaded when None.
+        model: an already loaded model (must match ``spec.model``), or a model
+            reference such as ``"gemma3-270m"``, which sets ``spec.model``; loaded when
+            None or a reference.
         out: folder for the run file, the figure and resume checkpoints; None keeps
             everything in memory.
         progress: show a progress bar on stderr.
@@ -234,6 +236,9 @@ def scan(
         A `ScanResult`. ``result.dataset`` has dims ``layer``, ``prompt``, ``position``,
         ``rank``, ``dim`` and ``bin``.
     """
+    if isinstance(model, (str, Path)):
+        options["model"] = str(model)
+        model = None
     if spec is None:
         spec = ScanSpec(**options)
     elif options:

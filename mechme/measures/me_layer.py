@@ -70,7 +70,8 @@ def locate_me_layer(ds: xr.Dataset, *, majority: float = 0.5) -> dict:
     )
     text = (
         f"ME Layer {me}: massive activations first appear in {share[me]:.0%} of prompts "
-        f"(top-1 {parts['value']:.4g}, {jump:.0f}x the layer before), in dim "
+        f"(median prompt's top-1 {parts['value']:.4g}, {jump:.0f}x "
+        f"{'the layer input' if me == 0 else 'the layer before'}), in dim "
         f"{', '.join(map(str, dims[:3]))} at {top_tokens}; written by the {branch} branch "
         f"(residual in {parts['resid_in']:.4g}, attention {parts['attn']:.4g}, MLP {parts['mlp']:.4g})"
     )

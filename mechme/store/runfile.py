@@ -94,11 +94,19 @@ def write_run(ds: xr.Dataset, path: str | Path, *, kind: str, spec: dict, model_
     os.close(fd)
     try:
         ds.to_netcdf(tmp, engine=ENGINE, invalid_netcdf=True)
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _default_mode(path: str | Path) -> None:
+    """Give a file made by mkstemp (mode 0600) the mode a plain open() would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def stored_hash(path: str | Path) -> str | None:
