@@ -298,15 +298,15 @@ def trace_conditions(study, ctx, edit_lists, batch: Batch, strings, base_logprob
         for j in range(len(edit_lists)):
             rows = slice(j * n, (j + 1) * n)
             logprobs = first if j == 0 else torch.log_softmax(logits[rows].float(), dim=-1)
-            one = _compare(logprobs, None if (j == 0 and base_logprobs is None) else base, ids, real[rows])
+            condition_stats = _compare(logprobs, None if (j == 0 and base_logprobs is None) else base, ids, real[rows])
             if me_stats is not None:
-                one["me_top"] = me_stats["top_value"][rows, 0]
-                one["me_massive_count"] = me_stats["massive_per_token"][rows].sum(-1)
+                condition_stats["me_top"] = me_stats["top_value"][rows, 0]
+                condition_stats["me_massive_count"] = me_stats["massive_per_token"][rows].sum(-1)
             if per_layer:
-                one["massive_by_layer"] = torch.stack([p[rows] for p in per_layer], dim=1)  # [batch, layer, dim]
-            stats.append(one)
+                condition_stats["massive_by_layer"] = torch.stack([p[rows] for p in per_layer], dim=1)  # [batch, layer, dim]
+            stats.append(condition_stats)
         saved = nnsight.save({"stats": stats, "logprobs": first})
-    stats = [{k: v.cpu().numpy() for k, v in one.items()} for one in saved["stats"]]
+    stats = [{k: v.cpu().numpy() for k, v in entry.items()} for entry in saved["stats"]]
     return stats, saved["logprobs"]
 
 

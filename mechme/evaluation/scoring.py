@@ -291,16 +291,23 @@ def _score_group(model, group, pad, device, cache_name, max_chunk_tokens):
     return scores
 
 
+def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``[rows, width]`` token ids padded on the right with ``pad``, and their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = 1
+    return ids, mask
+
+
 def _score_chunk(model, group, chunk, prompt_cache, prompt_mask, lengths, first_logprobs, scores, pad, device,
                  cache_name):
     items = torch.tensor([item for item, _ in chunk])
     conts = [group[item][1][choice] for item, choice in chunk]
-    width = max(len(c) for c in conts)
-    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for row, cont in enumerate(conts):
-        ids[row, :len(cont)] = torch.tensor(cont)
-        mask[row, :len(cont)] = 1
+    ids, mask = _right_pad(conts, pad)
+    width = ids.shape[1]
     # Continuation tokens continue each prompt's own positions, across the pad slots
     # that the attention mask hides.
     positions = lengths[items].unsqueeze(1) + torch.arange(width).unsqueeze(0)
@@ -342,12 +349,7 @@ def score_rows(loaded, rows: list[list[int]], *, batch_size: int = 8, progress=N
     results = []
     for start in range(0, len(rows), batch_size):
         group = rows[start:start + batch_size]
-        width = max(len(r) for r in group)
-        ids = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, tokens in enumerate(group):
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-            mask[row, :len(tokens)] = 1
+        ids, mask = _right_pad(group, pad)
         logits = loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         for row, tokens in enumerate(group):
             logprobs = torch.log_softmax(logits[row, :len(tokens) - 1].float(), dim=-1)

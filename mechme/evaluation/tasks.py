@@ -186,35 +186,33 @@ GSM8K_STOP = ["Question:", "\nQ:", "\n\n"]
 MATH_STOP = ["Problem:", "I hope it is correct."]
 
 
-def _run_gsm8k(loaded, items, *, batch_size, max_new_tokens, bar) -> dict:
+def _run_generated(loaded, items, *, batch_size, max_new_tokens, bar, stop, extract, equal, metric, answer_key,
+                   solutions) -> dict:
+    """Generate from each item's prompt, check the extracted answer, and score the gold solution."""
     prompts = [_encode(loaded.tokenizer, item["prompt"]) for item in items]
-    texts = scoring.generate(loaded, prompts, max_new_tokens=max_new_tokens, stop=GSM8K_STOP,
+    texts = scoring.generate(loaded, prompts, max_new_tokens=max_new_tokens, stop=stop,
                              batch_size=batch_size, progress=bar)
-    extracted = [scoring.extract_gsm8k(t) for t in texts]
+    extracted = [extract(t) for t in texts]
     out = {
-        "exact_match": np.array([float(scoring.numbers_equal(p, item["short_answer"]))
-                                 for p, item in zip(extracted, items)]),
+        metric: np.array([float(equal(p, item[answer_key])) for p, item in zip(extracted, items)]),
         "generation": np.array(texts, dtype=object),
         "extracted": np.array([p or "" for p in extracted], dtype=object),
-        "gold_answer": np.array([item["short_answer"] for item in items], dtype=object),
+        "gold_answer": np.array([item[answer_key] for item in items], dtype=object),
     }
-    out.update(_gold_scores(loaded, prompts, [item["solution"] for item in items], batch_size, bar))
+    out.update(_gold_scores(loaded, prompts, solutions, batch_size, bar))
     return out
 
 
-def _run_math(loaded, items, *, batch_size, max_new_tokens, bar) -> dict:
-    prompts = [_encode(loaded.tokenizer, item["prompt"]) for item in items]
-    texts = scoring.generate(loaded, prompts, max_new_tokens=max_new_tokens, stop=MATH_STOP,
-                             batch_size=batch_size, progress=bar)
-    extracted = [scoring.extract_math(t) for t in texts]
-    out = {
-        "accuracy": np.array([float(scoring.math_equal(p, item["answer"])) for p, item in zip(extracted, items)]),
-        "generation": np.array(texts, dtype=object),
-        "extracted": np.array([p or "" for p in extracted], dtype=object),
-        "gold_answer": np.array([item["answer"] for item in items], dtype=object),
-    }
-    out.update(_gold_scores(loaded, prompts, [" " + item["solution"] for item in items], batch_size, bar))
-    return out
+def _run_gsm8k(loaded, items, **options) -> dict:
+    return _run_generated(loaded, items, stop=GSM8K_STOP, extract=scoring.extract_gsm8k, equal=scoring.numbers_equal,
+                          metric="exact_match", answer_key="short_answer",
+                          solutions=[item["solution"] for item in items], **options)
+
+
+def _run_math(loaded, items, **options) -> dict:
+    return _run_generated(loaded, items, stop=MATH_STOP, extract=scoring.extract_math, equal=scoring.math_equal,
+                          metric="accuracy", answer_key="answer",
+                          solutions=[" " + item["solution"] for item in items], **options)
 
 
 def _chat_prompt(tokenizer, text: str) -> list[int]:
@@ -361,7 +359,7 @@ def evaluate(model, task: str, *, limit: int | None = None, seed: int = 0, inter
         out: folder for the run file and markdown table; None writes nothing.
         exclude: item ids to leave out before drawing (for example the GSM8K questions a
             fine-tune's training problems were written from).
-        resume: return the stored result when ``out`` already holds a run file of the
+        resume: return the stored result when ``out`` already contains a run file of the
             same evaluation (same model weights, items, options and intervention).
 
     Returns:
